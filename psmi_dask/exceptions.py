@@ -1,0 +1,22 @@
+"""Warnings and errors raised by psmi_dask."""
+
+from __future__ import annotations
+
+__all__ = ["ConvergenceWarning", "NotFittedError", "PSMIWarning"]
+
+
+class PSMIWarning(UserWarning):
+    """Base class of every warning psmi_dask emits."""
+
+
+class ConvergenceWarning(PSMIWarning):
+    """The auto-mode stopping rule was not met before ``max_n_estimators``."""
+
+
+class NotFittedError(ValueError, AttributeError):
+    """The estimator is used before ``fit``.
+
+    Subclasses ``ValueError`` and ``AttributeError``, as scikit-learn's
+    exception of the same name does, so that code catching either keeps
+    working.
+    """
