@@ -42,11 +42,14 @@ from dask.utils import parse_bytes
 __all__ = [
     "HDF5Source",
     "NpySource",
+    "estimator_record",
     "open_features",
     "open_labels",
+    "package_versions",
     "record_path",
     "result_paths",
     "save_results",
+    "write_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +132,21 @@ def _detect_format(path: Path) -> str:
     if suffix in _TEXT_SUFFIXES:
         return "text"
     return "unknown"
+
+
+def _check_signature(path: Path, kind: str) -> None:
+    """Raise if a file named as ``kind`` does not start like one."""
+    signature = {"npy": _NPY_SIGNATURE, "hdf5": _HDF5_SIGNATURE}[kind]
+    with open(path, "rb") as handle:
+        head = handle.read(len(signature))
+    if head != signature:
+        label = {"npy": ".npy", "hdf5": "HDF5"}[kind]
+        article = {"npy": "a", "hdf5": "an"}[kind]
+        fix = {"npy": "numpy.save", "hdf5": "h5py"}[kind]
+        raise ValueError(
+            f"{str(path)!r} is named like {article} {label} file but is not one (its "
+            f"first bytes are not the {label} signature); write it with {fix}."
+        )
 
 
 def _target_rows(n_features: int, itemsize: int) -> int:
@@ -431,6 +449,8 @@ def open_features(
     kind = _detect_format(path)
     if kind == "zarr":
         return _open_zarr_features(path, dataset, chunk_rows)
+    if kind in ("hdf5", "npy"):
+        _check_signature(path, kind)
     if kind == "hdf5":
         name = _hdf5_dataset_name(path, dataset, "features", "dataset")
         return _from_source(HDF5Source(path, name), path, chunk_rows, "hdf5")
@@ -549,6 +569,7 @@ def open_labels(
             )
         labels = _read_text_labels(path, member)
     elif kind == "npy":
+        _check_signature(path, kind)
         if member is not None:
             raise ValueError(
                 f"{str(path)!r} is a .npy file, which holds one array; drop "
@@ -556,6 +577,8 @@ def open_labels(
             )
         labels = _read_npy_labels(path)
     elif kind in ("zarr", "hdf5"):
+        if kind == "hdf5":
+            _check_signature(path, kind)
         if column is not None:
             raise ValueError(
                 f"{str(path)!r} is a {kind} file; name its labels with "
@@ -666,7 +689,8 @@ def result_paths(out: str | os.PathLike[str]) -> dict[str, Path]:
         ``.zarr`` the three arrays live in one group at ``out``; for ``.npy``
         each array has its own file ``<stem>_<name>.npy``; for ``.csv``
         ``out`` holds psmi_mean and psmi_std as columns and psmi_full goes
-        to ``<stem>_psmi_full.csv``. The JSON record is ``<stem>.json``.
+        to ``<stem>_psmi_full.csv``. The JSON record is ``<out>.json``, such
+        as ``results.zarr.json``.
 
     Raises
     ------
@@ -676,7 +700,7 @@ def result_paths(out: str | os.PathLike[str]) -> dict[str, Path]:
     out = Path(out)
     suffix = out.suffix.lower()
     stem = out.with_suffix("")
-    paths = {"record": stem.with_name(stem.name + ".json")}
+    paths = {"record": out.with_name(out.name + ".json")}
     if suffix == ".zarr":
         paths.update(psmi_mean=out, psmi_std=out, psmi_full=out)
     elif suffix == ".npy":
@@ -885,6 +909,100 @@ def record_path(out: str | os.PathLike[str]) -> Path:
     Returns
     -------
     path : Path
-        ``<stem>.json`` in the same directory as ``out``.
+        ``out`` with ``.json`` appended, in the same directory.
     """
     return result_paths(out)["record"]
+
+
+def package_versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
+    """Installed versions of psmi_dask and the libraries it runs on.
+
+    Parameters
+    ----------
+    extra : sequence of str, default=()
+        Further distribution names to include, such as ``"zarr"``.
+
+    Returns
+    -------
+    versions : dict of str to str or None
+        Version of each distribution, or None when it is not installed.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("psmi_dask", "dask", "distributed", "numpy", *extra):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _jsonable(value: Any) -> Any:
+    """Translate numpy and other values that ``json`` cannot write."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.random.SeedSequence):
+        return {"entropy": value.entropy, "spawn_key": list(value.spawn_key)}
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def write_record(path: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """Write a run record as indented JSON.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Destination of the record, usually :func:`record_path` of the output.
+    record : dict
+        The record. numpy scalars and arrays become JSON numbers and lists;
+        any other value JSON cannot hold is written as its ``repr``.
+
+    Returns
+    -------
+    path : Path
+        The path written.
+    """
+    import json
+
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, default=_jsonable, allow_nan=True)
+        handle.write("\n")
+    return path
+
+
+def estimator_record(estimator: Any) -> dict[str, Any]:
+    """What a fitted PSMI estimator did, as a JSON-ready dictionary.
+
+    Parameters
+    ----------
+    estimator : PSMI
+        A fitted estimator.
+
+    Returns
+    -------
+    record : dict
+        Keys ``parameters`` (the constructor arguments; an array of
+        directions is described by its shape), ``n_estimators`` (directions
+        used), ``n_blocks``, ``converged``, ``classes``, ``class_prior``,
+        ``random_state`` and ``history`` (one entry per block).
+    """
+    parameters = dict(estimator.get_params())
+    if isinstance(parameters.get("directions"), np.ndarray):
+        shape = parameters["directions"].shape
+        parameters["directions"] = f"array of shape {shape}"
+    return {
+        "parameters": parameters,
+        "n_estimators": getattr(estimator, "n_estimators_", None),
+        "n_blocks": getattr(estimator, "n_blocks_", None),
+        "converged": getattr(estimator, "converged_", None),
+        "classes": np.asarray(estimator.classes_).tolist(),
+        "class_prior": np.asarray(estimator.class_prior_).tolist(),
+        "random_state": getattr(estimator, "random_state_", None),
+        "history": list(getattr(estimator, "history_", [])),
+    }
