@@ -1,0 +1,196 @@
+"""A block of directions as an independent piece of Dask work.
+
+For its directions, a block projects every chunk of samples, merges the
+per-class moments of the chunks pairwise in a fixed order, fits the class
+Gaussians, then projects and scores every chunk again. The graph depends
+only on the data, the block's index and the parameters, so the same block
+gives the same bits wherever and whenever it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from dask import delayed
+
+from psmi_dask._directions import DirectionSource
+from psmi_dask._numerics import (
+    ClassMoments,
+    GaussianParams,
+    SampleMoments,
+    class_moments,
+    fit_gaussians,
+    merge_class_moments,
+    project,
+    score,
+)
+
+__all__ = ["BlockFit", "ChunkedData", "fit_block", "score_block", "tree_reduce"]
+
+
+@dataclass(frozen=True)
+class ChunkedData:
+    """Features and class codes split into chunks along samples.
+
+    ``features`` and ``codes`` hold one reference per chunk: a Delayed, a
+    distributed Future or a numpy array. ``offset`` is the reference
+    sample subtracted before projecting (see ``_numerics.project``).
+    """
+
+    features: Sequence[Any]
+    codes: Sequence[Any]
+    starts: Sequence[int]
+    sizes: Sequence[int]
+    offset: Any
+    n_features: int
+
+    @property
+    def n_samples(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.sizes)
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """What the client keeps of a fitted block: its directions and Gaussians."""
+
+    directions: np.ndarray
+    params: GaussianParams
+
+
+def tree_reduce(items: list[Any], merge: Callable[[Any, Any], Any]) -> Any:
+    """Merge ``items`` pairwise, level by level, in a fixed order.
+
+    The shape of the tree depends only on ``len(items)``, so the rounding
+    of the result does too.
+    """
+    level = list(items)
+    while len(level) > 1:
+        paired = [merge(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+    return level[0]
+
+
+def _chunk_moments(
+    chunk: np.ndarray,
+    codes: np.ndarray,
+    offset: np.ndarray,
+    directions: np.ndarray,
+    n_classes: int,
+) -> ClassMoments:
+    return class_moments(project(chunk, offset, directions), codes, n_classes)
+
+
+def _chunk_score(
+    chunk: np.ndarray,
+    codes: np.ndarray,
+    offset: np.ndarray,
+    directions: np.ndarray,
+    params: GaussianParams,
+    keep_columns: bool,
+) -> tuple[SampleMoments, np.ndarray | None]:
+    return score(project(chunk, offset, directions), codes, params, keep_columns)
+
+
+def _finish_fit(
+    moments: ClassMoments, directions: np.ndarray, var_floor: float
+) -> BlockFit:
+    return BlockFit(directions, fit_gaussians(moments, var_floor))
+
+
+def _params(fit: BlockFit) -> GaussianParams:
+    return fit.params
+
+
+def _drawn_directions(
+    seed: np.random.SeedSequence,
+    block: int,
+    block_size: int,
+    n_features: int,
+    kind: str,
+    size: int,
+) -> np.ndarray:
+    source = DirectionSource(n_features, block_size, kind, seed)
+    return source.block(block, size)
+
+
+def block_directions(source: DirectionSource, block: int, size: int) -> Any:
+    """A Delayed of the block's directions.
+
+    Drawn directions are drawn where the block runs, from the seed; rows
+    supplied by the user are sliced here, so that each block's graph
+    carries its own rows only.
+    """
+    if source.given is not None:
+        return delayed(source.block(block, size))
+    return delayed(_drawn_directions, pure=True)(
+        source.seed, block, source.block_size, source.n_features, source.kind, size
+    )
+
+
+def fit_block(
+    data: ChunkedData,
+    directions: Any,
+    n_classes: int,
+    var_floor: float,
+    with_scores: bool,
+    keep_columns: bool,
+    cache_projections: bool,
+) -> tuple[Any, list[Any]]:
+    """The graph of one block: its fit and, if asked, its scores per chunk.
+
+    With ``cache_projections`` each chunk is projected once and the
+    projection is shared by the moments and the scores; otherwise each is
+    projected twice, so that no worker holds a block's projections of every
+    chunk at once. Both give identical bits.
+
+    Returns
+    -------
+    fit : Delayed of BlockFit
+    scores : list of Delayed of (SampleMoments, columns or None), per chunk
+    """
+    pure = delayed(pure=True)
+    if with_scores and cache_projections:
+        projections = [
+            pure(project)(chunk, data.offset, directions) for chunk in data.features
+        ]
+        moments = [
+            pure(class_moments)(t, codes, n_classes)
+            for t, codes in zip(projections, data.codes)
+        ]
+    else:
+        moments = [
+            pure(_chunk_moments)(chunk, codes, data.offset, directions, n_classes)
+            for chunk, codes in zip(data.features, data.codes)
+        ]
+    merged = tree_reduce(moments, pure(merge_class_moments))
+    fit = pure(_finish_fit)(merged, directions, var_floor)
+    if not with_scores:
+        return fit, []
+    params = pure(_params)(fit)
+    if cache_projections:
+        scores = [
+            pure(score)(t, codes, params, keep_columns)
+            for t, codes in zip(projections, data.codes)
+        ]
+    else:
+        scores = score_block(data, directions, params, keep_columns)
+    return fit, scores
+
+
+def score_block(
+    data: ChunkedData, directions: Any, params: Any, keep_columns: bool
+) -> list[Any]:
+    """The graph that scores every chunk along a fitted block."""
+    pure = delayed(pure=True)
+    return [
+        pure(_chunk_score)(chunk, codes, data.offset, directions, params, keep_columns)
+        for chunk, codes in zip(data.features, data.codes)
+    ]

@@ -1,0 +1,275 @@
+"""The controller: which blocks exist, where they run, when to stop.
+
+Blocks are submitted to a backend, several at once, and consumed strictly
+in block order, so every decision is the one the sequential algorithm
+would take, however many blocks ran ahead. Per-sample state is merged
+through the backend too, so that on a cluster it stays on the workers and
+the controller only ever receives a few scalars per block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import dask
+import numpy as np
+
+from psmi_dask._numerics import SampleMoments, merge_sample_moments
+from psmi_dask._stopping import (
+    Candidates,
+    StoppingRule,
+    chunk_candidates,
+    mean_variation,
+    merge_candidates,
+)
+
+__all__ = ["Backend", "LocalBackend", "SampleAccumulator", "run_blocks"]
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """Where blocks and the small merges between them run."""
+
+    n_threads: int
+
+    def submit(self, graphs: Sequence[Any]) -> Any: ...
+
+    def wait(self, handle: Any) -> Any: ...
+
+    def cancel(self, handle: Any) -> None: ...
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any: ...
+
+    def fetch(self, reference: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+_POOL_LOCK = threading.Lock()
+_COMPUTE_POOL: ThreadPoolExecutor | None = None
+
+
+def _compute_pool() -> ThreadPoolExecutor:
+    # One pool for every block of every fit, so that several blocks in
+    # flight share the machine's cores instead of each taking all of them.
+    global _COMPUTE_POOL
+    with _POOL_LOCK:
+        if _COMPUTE_POOL is None:
+            _COMPUTE_POOL = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="psmi-dask"
+            )
+        return _COMPUTE_POOL
+
+
+class LocalBackend:
+    """Blocks on Dask's threaded scheduler, in this process."""
+
+    def __init__(self, max_in_flight: int) -> None:
+        pool = _compute_pool()
+        self.n_threads = pool._max_workers
+        self._pool = pool
+        self._blocks = ThreadPoolExecutor(
+            max_workers=max_in_flight, thread_name_prefix="psmi-dask-block"
+        )
+
+    def _compute(self, graphs: Sequence[Any]) -> tuple[Any, ...]:
+        return dask.compute(*graphs, scheduler="threads", pool=self._pool)
+
+    def submit(self, graphs: Sequence[Any]) -> Future:
+        return self._blocks.submit(self._compute, graphs)
+
+    def wait(self, handle: Future) -> Any:
+        return handle.result()
+
+    def cancel(self, handle: Future) -> None:
+        handle.cancel()
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        return function(*args)
+
+    def fetch(self, reference: Any) -> Any:
+        return reference
+
+    def close(self) -> None:
+        # Blocks already running finish (at most max_in_flight - 1 of them);
+        # the threaded scheduler cannot interrupt a task.
+        self._blocks.shutdown(wait=True, cancel_futures=True)
+
+
+def _add_scores(
+    state: SampleMoments | None, scored: tuple[SampleMoments, Any]
+) -> SampleMoments:
+    moments = scored[0]
+    return moments if state is None else merge_sample_moments(state, moments)
+
+
+def _candidates(
+    current: SampleMoments, milestone: SampleMoments, offset: int, n_lowest: int
+) -> Candidates:
+    return chunk_candidates(current.mean, milestone.mean, offset, n_lowest)
+
+
+def _columns(scored: tuple[SampleMoments, Any]) -> Any:
+    return scored[1]
+
+
+@dataclass
+class SampleAccumulator:
+    """Per-sample PSMI moments, merged block after block, in block order.
+
+    Keeps, per chunk, the moments over all blocks so far and over the
+    blocks up to the milestone, plus the blocks in between, which the
+    milestone has not reached yet.
+    """
+
+    backend: Backend
+    starts: Sequence[int]
+    rule: StoppingRule | None
+    keep_columns: bool
+    n_samples: int
+    current: list[Any] = field(default_factory=list)
+    milestone: list[Any] = field(default_factory=list)
+    pending: deque = field(default_factory=deque)
+    columns: list[list[Any]] = field(default_factory=list)
+    n_blocks: int = 0
+    n_milestone: int = 0
+
+    def add(self, scored: Sequence[Any]) -> float | None:
+        """Merge one block's per-chunk scores; return the rule's variation.
+
+        Returns None while the milestone holds no block yet.
+        """
+        call = self.backend.call
+        if self.n_blocks == 0:
+            self.current = [call(_add_scores, None, s) for s in scored]
+        else:
+            self.current = [
+                call(_add_scores, c, s) for c, s in zip(self.current, scored)
+            ]
+        if self.keep_columns:
+            self.columns.append([call(_columns, s) for s in scored])
+        self.n_blocks += 1
+        if self.rule is None:
+            return None
+        self.pending.append(list(scored))
+        return self._variation()
+
+    def _variation(self) -> float | None:
+        assert self.rule is not None
+        call = self.backend.call
+        target = self.rule.milestone_blocks(self.n_blocks)
+        while self.n_milestone < target:
+            block = self.pending.popleft()
+            if self.n_milestone == 0:
+                self.milestone = [call(_add_scores, None, s) for s in block]
+            else:
+                self.milestone = [
+                    call(_add_scores, m, s) for m, s in zip(self.milestone, block)
+                ]
+            self.n_milestone += 1
+        if self.n_milestone == 0:
+            return None
+        n_lowest = self.rule.n_lowest(self.n_samples)
+        per_chunk = [
+            call(_candidates, c, m, start, n_lowest)
+            for c, m, start in zip(self.current, self.milestone, self.starts)
+        ]
+        from psmi_dask._blocks import tree_reduce
+
+        lowest = tree_reduce(
+            per_chunk, lambda a, b: call(merge_candidates, a, b, n_lowest)
+        )
+        return float(self.backend.fetch(call(mean_variation, lowest)))
+
+    def moments(self) -> list[SampleMoments]:
+        """The per-chunk moments over every block added."""
+        return [self.backend.fetch(c) for c in self.current]
+
+
+@dataclass
+class BlockRecord:
+    """One line of ``history_``: a block and the decision taken after it."""
+
+    block: int
+    n_estimators: int
+    variation: float | None
+    elapsed: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "block": self.block,
+            "n_estimators": self.n_estimators,
+            "variation": self.variation,
+            "seconds": self.elapsed,
+        }
+
+
+def run_blocks(
+    backend: Backend,
+    build: Callable[[int], Sequence[Any]],
+    n_blocks: int,
+    max_in_flight: int,
+    consume: Callable[[int, Any], bool],
+) -> int:
+    """Run up to ``n_blocks`` blocks, consuming them in order.
+
+    ``build(b)`` returns the graphs of block ``b``; ``consume(b, result)``
+    takes its computed result and returns True to stop. Blocks still in
+    flight when the run stops are cancelled. Returns the number of blocks
+    consumed. The loop runs at most ``n_blocks`` times.
+    """
+    in_flight: deque[tuple[int, Any]] = deque()
+    submitted = 0
+    consumed = 0
+    try:
+        while submitted < min(n_blocks, max_in_flight):
+            in_flight.append((submitted, backend.submit(build(submitted))))
+            submitted += 1
+        for _ in range(n_blocks):
+            block, handle = in_flight.popleft()
+            result = backend.wait(handle)
+            consumed += 1
+            if consume(block, result):
+                break
+            if submitted < n_blocks:
+                in_flight.append((submitted, backend.submit(build(submitted))))
+                submitted += 1
+    finally:
+        for _, handle in in_flight:
+            backend.cancel(handle)
+    return consumed
+
+
+def log_block(record: BlockRecord, threshold: float | None) -> None:
+    if record.variation is None:
+        logger.info(
+            "block %d done: %d directions, %.2f s",
+            record.block,
+            record.n_estimators,
+            record.elapsed,
+        )
+    else:
+        logger.info(
+            "block %d done: %d directions, variation %.4g (threshold %.4g), %.2f s",
+            record.block,
+            record.n_estimators,
+            record.variation,
+            threshold,
+            record.elapsed,
+        )
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def as_numpy(values: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate(list(values)) if values else np.empty(0)

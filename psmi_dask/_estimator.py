@@ -1,0 +1,706 @@
+"""The PSMI estimator."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import warnings
+from typing import Any
+
+import dask.array as da
+from dask import delayed
+import numpy as np
+
+from psmi_dask._blocks import (
+    BlockFit,
+    ChunkedData,
+    block_directions,
+    fit_block,
+    score_block,
+)
+from psmi_dask._controller import (
+    BlockRecord,
+    SampleAccumulator,
+    log_block,
+    now,
+    run_blocks,
+)
+from psmi_dask._directions import DirectionSource, seed_sequence
+from psmi_dask._numerics import GaussianParams, project, score
+from psmi_dask._placement import backend_for, place
+from psmi_dask._stopping import StoppingRule
+from psmi_dask._validation import (
+    Params,
+    check_features,
+    check_labels,
+    check_params,
+    encode_known_labels,
+    encode_labels,
+    raise_if_not_finite,
+)
+from psmi_dask.exceptions import ConvergenceWarning, NotFittedError
+
+__all__ = ["PSMI"]
+
+logger = logging.getLogger(__name__)
+
+# Keep a block's projections between its two passes while those of the
+# blocks in flight fit in this many bytes; beyond, project twice.
+_PROJECTION_CACHE_BYTES = 512 * 2**20
+
+# Target size of one chunk's projections (rows x max(features, block) x 8).
+_CHUNK_BYTES = 16 * 2**20
+
+
+def chunk_rows(n_features: int, block_size: int) -> int:
+    """Rows per chunk, from the shape alone: a power of two in [256, 65536].
+
+    The chunking is a function of the parameters and the number of
+    features only, never of the input's own chunks, so results are
+    identical bit for bit however X arrives.
+    """
+    rows = _CHUNK_BYTES // (8 * max(n_features, block_size))
+    return int(min(65536, max(256, 2 ** int(math.log2(max(rows, 1))))))
+
+
+class PSMI:
+    """Pointwise Sliced Mutual Information between features and labels.
+
+    For a unit direction theta, every sample is projected, t = theta^T x, and
+    one 1-D Gaussian per class is fitted to the projections of that class
+    (mean, population standard deviation, and the class frequency as prior).
+    The pointwise mutual information of a sample (x, y) along theta is
+
+        pmi(x, y) = log N(t; mu_y, sigma_y) - log sum_c pi_c N(t; mu_c, sigma_c)
+
+    in nats, and PSMI(x, y) is its mean over directions drawn uniformly on
+    the sphere (Algorithm 1 of Wongso et al. [1], with the Gaussian 1-D
+    estimator of sliced mutual information [2]). The estimate runs as Dask
+    work: directions are grouped in blocks of ``min_n_estimators``, and each
+    block is an independent piece of work over the chunks of X.
+
+    With ``n_estimators="auto"``, blocks are added until a stopping rule
+    holds: after k blocks, take the samples whose PSMI is among the lowest
+    ``lowest_psmi_quantile`` fraction (at least one sample); for each, the
+    relative change between PSMI over the first ``floor(k * milestone)``
+    blocks and PSMI over all k blocks; stop when their mean is at most
+    ``max_variation_of_the_lowest``. A PSMI of magnitude below 1e-12 counts as
+    zero in the denominator, so that PSMI that is exactly 0 never gives 0/0.
+    The run also stops at ``max_n_estimators`` directions, with a
+    ``ConvergenceWarning`` if the rule was not met.
+
+    Parameters
+    ----------
+    n_estimators : int or "auto", default="auto"
+        Number of directions, or "auto" to add blocks until the stopping rule
+        holds.
+    min_n_estimators : int, default=500
+        Directions per block, in both modes; in auto mode, also the smallest
+        step by which the number of directions grows.
+    lowest_psmi_quantile : float in (0, 1], default=0.05
+        Fraction of samples with the lowest PSMI that the stopping rule
+        watches.
+    max_variation_of_the_lowest : float >= 0, default=0.05
+        The stopping rule holds when the mean relative change of the lowest
+        samples is at most this.
+    milestone : float in (0, 1), default=0.5
+        PSMI after k blocks is compared with PSMI after
+        ``floor(k * milestone)`` blocks.
+    max_n_estimators : int, default=20000
+        Cap on the number of directions in auto mode; reaching it without
+        meeting the rule emits a ``ConvergenceWarning``.
+    directions : {"orthogonal", "iid"} or array-like of shape \
+            (n_directions, n_features), default="orthogonal"
+        How directions are drawn. "orthogonal": Haar-random orthonormal
+        frames, each direction still uniform on the sphere, with a much
+        smaller Monte-Carlo error than "iid" for the same number of
+        directions. "iid": independent uniform directions, as psmi 0.2.0
+        draws them. An array: unit rows used in order, block by block, which
+        makes results comparable with any other implementation.
+    random_state : None, int, numpy SeedSequence or Generator, default=None
+        Seed of the directions. The directions of block b come from the
+        SeedSequence child with spawn key b, so results depend only on the
+        data, the parameters and the seed, not on the number of workers, the
+        chunking or the order in which blocks complete.
+    var_floor : float in [0, 1), default=1e-9
+        Floor of every class's variance along a direction, relative to the
+        variance of all fitted samples along it (as scikit-learn's
+        ``GaussianNB.var_smoothing`` is relative to the largest feature
+        variance). A class with zero spread, such as duplicate rows or
+        constant features, gets the floor instead of a zero that would turn
+        every density into NaN. Classes above the floor are untouched.
+    chunk_size : int or "auto", default="auto"
+        Samples per chunk. "auto" chooses a power of two from the number of
+        features and the block size, so that one chunk's projections take
+        about 16 MiB. X is rechunked to this along samples, so the result
+        does not depend on the input's own chunks.
+    max_blocks_in_flight : int or "auto", default="auto"
+        Blocks computed at once; "auto" is one per worker thread. Blocks
+        that run ahead of a stopping decision are cancelled.
+    progress : bool, default=False
+        Show a progress bar of blocks done (and, in auto mode, the current
+        variation against its threshold).
+
+    Attributes
+    ----------
+    n_estimators_ : int
+        Number of directions used.
+    directions_ : ndarray of shape (n_estimators_, n_features_in_)
+        The directions, as unit rows.
+    classes_ : ndarray of shape (n_classes,)
+        The class labels, sorted.
+    class_prior_ : ndarray of shape (n_classes,)
+        Frequency of each class in the fitted data.
+    projection_means_ : ndarray of shape (n_classes, n_estimators_)
+        Mean of each class's projections along each direction.
+    projection_stds_ : ndarray of shape (n_classes, n_estimators_)
+        Standard deviation (ddof=0, after the variance floor) of each class's
+        projections along each direction.
+    n_features_in_ : int
+        Number of features seen during fit.
+    n_blocks_ : int
+        Number of blocks of directions used.
+    history_ : list of dict
+        One record per block: ``block`` (its index), ``n_estimators``
+        (directions so far), ``variation`` (the stopping rule's value, None
+        where it was not tested) and ``seconds`` (since the fit started).
+    converged_ : bool or None
+        Whether the stopping rule was met; None in fixed mode.
+
+    Notes
+    -----
+    Densities are computed in log space, so samples far from every class
+    get finite values. Per-class statistics are float64 moments merged
+    with Chan et al.'s pairwise update, whatever the input dtype. After a
+    fit, ``n_estimators`` reads the number of directions used, as psmi
+    0.2.0 reports it, while ``get_params()`` and ``clone`` keep the value
+    given. psmi 0.2.0's attribute names (``thetas``,
+    ``frequency_per_label``, ``mean_per_label``, ``std_per_label``,
+    ``fitted``) remain as read-only aliases.
+
+    References
+    ----------
+    .. [1] S. Wongso, R. Ghosh and M. Motani, "Pointwise Sliced Mutual
+       Information for Neural Network Explainability", ISIT 2023.
+    .. [2] Z. Goldfeld and K. Greenewald, "Sliced Mutual Information: A
+       Scalable Measure of Statistical Dependence", NeurIPS 2021.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psmi_dask import PSMI
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(3, size=200)
+    >>> X = rng.normal(size=(200, 8)) + y[:, None]
+    >>> psmi_mean, psmi_std, psmi_full = PSMI(
+    ...     n_estimators=100, random_state=0
+    ... ).fit_transform(X, y)
+    >>> psmi_full.shape
+    (200, 100)
+    """
+
+    def __init__(
+        self,
+        n_estimators: int | str = "auto",
+        min_n_estimators: int = 500,
+        lowest_psmi_quantile: float = 0.05,
+        max_variation_of_the_lowest: float = 0.05,
+        milestone: float = 0.5,
+        *,
+        max_n_estimators: int = 20_000,
+        directions: str | Any = "orthogonal",
+        random_state: Any = None,
+        var_floor: float = 1e-9,
+        chunk_size: int | str = "auto",
+        max_blocks_in_flight: int | str = "auto",
+        progress: bool = False,
+    ) -> None:
+        self.n_estimators = n_estimators
+        self.min_n_estimators = min_n_estimators
+        self.lowest_psmi_quantile = lowest_psmi_quantile
+        self.max_variation_of_the_lowest = max_variation_of_the_lowest
+        self.milestone = milestone
+        self.max_n_estimators = max_n_estimators
+        self.directions = directions
+        self.random_state = random_state
+        self.var_floor = var_floor
+        self.chunk_size = chunk_size
+        self.max_blocks_in_flight = max_blocks_in_flight
+        self.progress = progress
+
+    # The estimator contract, without a dependency on scikit-learn.
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return [name for name in signature.parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Parameters of this estimator, as given (``"auto"`` stays)."""
+        params = {name: getattr(self, name) for name in self._get_param_names()}
+        params["n_estimators"] = self._n_estimators
+        return params
+
+    def set_params(self, **params: Any) -> PSMI:
+        """Set parameters; the next ``fit`` uses them."""
+        valid = self._get_param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(
+                    f"Invalid parameter {name!r} for PSMI; valid parameters are "
+                    f"{valid}."
+                )
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(type(self).__init__).parameters.items()
+        }
+        changed = []
+        for name, value in self.get_params().items():
+            default = defaults[name]
+            if isinstance(value, np.ndarray) or not (
+                value is default or (type(value) is type(default) and value == default)
+            ):
+                shown = "array(...)" if isinstance(value, np.ndarray) else repr(value)
+                changed.append(f"{name}={shown}")
+        return f"PSMI({', '.join(changed)})"
+
+    @property
+    def n_estimators(self) -> Any:
+        """The number of directions: as given before fit, as used after."""
+        if hasattr(self, "n_estimators_"):
+            return self.n_estimators_
+        return self._n_estimators
+
+    @n_estimators.setter
+    def n_estimators(self, value: Any) -> None:
+        self._n_estimators = value
+
+    # Public API.
+
+    def fit(self, X: Any, y: Any) -> PSMI:
+        """Fit the class Gaussians along every direction.
+
+        Parameters
+        ----------
+        X : array-like or dask array of shape (n_samples, n_features)
+            Features. Any chunking; numeric or bool dtype.
+        y : array-like or dask array of shape (n_samples,)
+            Class labels, of any hashable type; every class needs at least
+            2 samples.
+
+        Returns
+        -------
+        self : PSMI
+            The fitted estimator.
+        """
+        self._fit(X, y, with_scores=False)
+        return self
+
+    def fit_transform(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
+        """Fit, then return PSMI of the fitted samples.
+
+        Equal to ``fit(X, y).transform(X, y)``, and faster: each block is
+        projected once for both.
+
+        Returns
+        -------
+        psmi_mean, psmi_std, psmi_full
+            See ``transform``.
+        """
+        return self._fit(X, y, with_scores=True)
+
+    def transform(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
+        """PSMI of each sample under the fitted Gaussians.
+
+        Parameters
+        ----------
+        X : array-like or dask array of shape (n_samples, n_features)
+            Features, with as many features as in fit.
+        y : array-like or dask array of shape (n_samples,)
+            Labels, each among ``classes_``.
+
+        Returns
+        -------
+        psmi_mean : ndarray or dask array of shape (n_samples,)
+            PSMI of each sample: the mean of its pmi over the directions.
+        psmi_std : ndarray or dask array of shape (n_samples,)
+            Standard deviation (ddof=0) of its pmi over the directions.
+        psmi_full : ndarray or dask array of shape (n_samples, n_estimators_)
+            Every pmi value. For dask input, a lazy dask array that
+            recomputes the projections when computed (or written, for example
+            with ``psmi_full.to_zarr(path)``, chunk by chunk).
+        """
+        self._check_fitted()
+        features = check_features(X, self.n_features_in_)
+        labels = check_labels(y, features.shape[0])
+        codes = encode_known_labels(labels, self.classes_)
+        params = check_params(self)
+        is_dask = isinstance(features, da.Array)
+        rows = params.chunk_size or chunk_rows(self.n_features_in_, params.block_size)
+        backend = backend_for(self._in_flight(params))
+        try:
+            data = place(backend, features, codes, rows, self._offset_)
+            accumulator = SampleAccumulator(
+                backend, data.starts, None, not is_dask, data.n_samples
+            )
+
+            def build(block: int) -> list[Any]:
+                fit = self._block_fits_[block]
+                directions = delayed(fit.directions, pure=True)
+                params = delayed(fit.params, pure=True)
+                return [score_block(data, directions, params, not is_dask)]
+
+            def consume(block: int, result: Any) -> bool:
+                accumulator.add(result[0])
+                return False
+
+            run_blocks(
+                backend, build, len(self._block_fits_), self._in_flight(params), consume
+            )
+            return self._outputs(features, codes, data, accumulator, is_dask, rows)
+        finally:
+            backend.close()
+
+    # psmi 0.2.0's names, read-only.
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the estimator is fitted (psmi 0.2.0's name)."""
+        return hasattr(self, "n_estimators_")
+
+    @property
+    def thetas(self) -> np.ndarray | None:
+        """Alias of ``directions_`` (psmi 0.2.0's name)."""
+        return getattr(self, "directions_", None)
+
+    @property
+    def frequency_per_label(self) -> dict[Any, float] | None:
+        """Class priors by label (psmi 0.2.0's name)."""
+        if not self.fitted:
+            return None
+        return {c: float(p) for c, p in zip(self.classes_, self.class_prior_)}
+
+    @property
+    def mean_per_label(self) -> dict[Any, np.ndarray] | None:
+        """Projection means by label (psmi 0.2.0's name)."""
+        if not self.fitted:
+            return None
+        return dict(zip(self.classes_, self.projection_means_))
+
+    @property
+    def std_per_label(self) -> dict[Any, np.ndarray] | None:
+        """Projection standard deviations by label (psmi 0.2.0's name)."""
+        if not self.fitted:
+            return None
+        return dict(zip(self.classes_, self.projection_stds_))
+
+    # Internals.
+
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise NotFittedError(
+                "This PSMI instance is not fitted yet; call fit(X, y) before "
+                "transform(X, y)."
+            )
+
+    def _in_flight(self, params: Params) -> int:
+        if params.max_blocks_in_flight is not None:
+            return params.max_blocks_in_flight
+        return max(1, backend_threads())
+
+    def _direction_source(self, params: Params, n_features: int) -> DirectionSource:
+        if isinstance(params.directions, np.ndarray):
+            if params.directions.shape[1] != n_features:
+                raise ValueError(
+                    f"directions has {params.directions.shape[1]} columns, but X "
+                    f"has {n_features} features."
+                )
+            return DirectionSource(
+                n_features, params.block_size, "given", given=params.directions
+            )
+        self.random_state_ = seed_sequence(self.random_state)
+        return DirectionSource(
+            n_features, params.block_size, params.directions, self.random_state_
+        )
+
+    def _plan(self, params: Params, source: DirectionSource) -> list[int]:
+        """Directions per block, in order: every block is full but the last."""
+        total = params.n_estimators or params.max_n_estimators
+        if source.n_available is not None:
+            total = min(total, source.n_available)
+        full, rest = divmod(total, params.block_size)
+        return [params.block_size] * full + ([rest] if rest else [])
+
+    def _fit(self, X: Any, y: Any, with_scores: bool) -> Any:
+        for name in _FITTED:
+            self.__dict__.pop(name, None)
+        params = check_params(self)
+        features = check_features(X)
+        labels = check_labels(y, features.shape[0])
+        classes, codes = encode_labels(labels)
+        is_dask = isinstance(features, da.Array)
+        n_samples, n_features = features.shape
+        source = self._direction_source(params, n_features)
+        sizes = self._plan(params, source)
+        auto = params.n_estimators is None
+        rule = (
+            StoppingRule(params.quantile, params.max_variation, params.milestone)
+            if auto
+            else None
+        )
+        rows = params.chunk_size or chunk_rows(n_features, params.block_size)
+        in_flight = self._in_flight(params)
+        with_scores = with_scores or auto
+        keep_columns = with_scores and not is_dask
+        cache = n_samples * params.block_size * 8 * in_flight <= _PROJECTION_CACHE_BYTES
+        offset = _reference_sample(features)
+        backend = backend_for(in_flight)
+        try:
+            data = place(backend, features, codes, rows, offset)
+            accumulator = (
+                SampleAccumulator(backend, data.starts, rule, keep_columns, n_samples)
+                if with_scores
+                else None
+            )
+            fits, history = self._run_fit(
+                backend, data, source, sizes, classes.shape[0], params, accumulator,
+                rule, cache, features,
+            )
+            self._set_fitted(fits, history, classes, codes, offset, rule, params)
+            if not with_scores or accumulator is None:
+                return None
+            accumulator.columns = accumulator.columns[: len(fits)]
+            return self._outputs(features, codes, data, accumulator, is_dask, rows)
+        finally:
+            backend.close()
+
+    def _run_fit(
+        self,
+        backend: Any,
+        data: ChunkedData,
+        source: DirectionSource,
+        sizes: list[int],
+        n_classes: int,
+        params: Params,
+        accumulator: SampleAccumulator | None,
+        rule: StoppingRule | None,
+        cache: bool,
+        features: Any,
+    ) -> tuple[list[BlockFit], list[BlockRecord]]:
+        fits: list[BlockFit] = []
+        history: list[BlockRecord] = []
+        started = now()
+        bar = _progress_bar(params, sizes, rule)
+
+        def build(block: int) -> tuple[Any, list[Any]]:
+            directions = block_directions(source, block, sizes[block])
+            return fit_block(
+                data,
+                directions,
+                n_classes,
+                params.var_floor,
+                with_scores=accumulator is not None,
+                keep_columns=accumulator is not None and accumulator.keep_columns,
+                cache_projections=cache,
+            )
+
+        def consume(block: int, result: Any) -> bool:
+            fit, scores = backend.fetch(result[0]), result[1]
+            if block == 0:
+                _check_block_finite(fit, features)
+            fits.append(fit)
+            variation = accumulator.add(scores) if accumulator is not None else None
+            record = BlockRecord(block, sum(sizes[: block + 1]), variation, now() - started)
+            history.append(record)
+            log_block(record, rule.max_variation if rule else None)
+            if bar is not None:
+                bar.update(sizes[block])
+                if variation is not None:
+                    bar.set_postfix_str(
+                        f"variation {variation:.4g} / {params.max_variation:.4g}"
+                    )
+            return rule is not None and variation is not None and rule.is_met(variation)
+
+        try:
+            run_blocks(backend, build, len(sizes), self._in_flight(params), consume)
+        finally:
+            if bar is not None:
+                bar.close()
+        return fits, history
+
+    def _set_fitted(
+        self,
+        fits: list[BlockFit],
+        history: list[BlockRecord],
+        classes: np.ndarray,
+        codes: np.ndarray,
+        offset: np.ndarray,
+        rule: StoppingRule | None,
+        params: Params,
+    ) -> None:
+        directions = np.concatenate([f.directions for f in fits], axis=0)
+        shift = directions @ offset
+        self._offset_ = offset
+        self._block_fits_ = fits
+        self.directions_ = directions
+        self.classes_ = classes
+        self.class_prior_ = np.bincount(codes, minlength=classes.shape[0]) / codes.size
+        self.projection_means_ = (
+            np.concatenate([f.params.means for f in fits], axis=1) + shift
+        )
+        self.projection_stds_ = np.concatenate([f.params.stds for f in fits], axis=1)
+        self.n_features_in_ = directions.shape[1]
+        self.n_blocks_ = len(fits)
+        self.history_ = [record.as_dict() for record in history]
+        self.converged_ = None
+        if rule is not None:
+            last = history[-1].variation
+            self.converged_ = last is not None and rule.is_met(last)
+            if self.converged_:
+                logger.info(
+                    "stopped after %d blocks (%d directions): variation %.4g <= %.4g",
+                    len(fits), directions.shape[0], last, rule.max_variation,
+                )
+            else:
+                shown = "never tested" if last is None else f"{last:.4g}"
+                logger.info(
+                    "stopped at the cap of %d directions: variation %s > %.4g",
+                    directions.shape[0], shown, rule.max_variation,
+                )
+                warnings.warn(
+                    f"The stopping rule was not met within max_n_estimators="
+                    f"{params.max_n_estimators} directions: the last variation of "
+                    f"the lowest PSMI was {shown}, above max_variation_of_the_lowest="
+                    f"{rule.max_variation}. Increase max_n_estimators or "
+                    "max_variation_of_the_lowest, or use directions='orthogonal'.",
+                    ConvergenceWarning,
+                    stacklevel=4,
+                )
+        else:
+            logger.info("fitted %d directions in %d blocks", directions.shape[0], len(fits))
+        self.n_estimators_ = directions.shape[0]
+
+    def _outputs(
+        self,
+        features: Any,
+        codes: np.ndarray,
+        data: ChunkedData,
+        accumulator: SampleAccumulator,
+        is_dask: bool,
+        rows: int,
+    ) -> tuple[Any, Any, Any]:
+        moments = accumulator.moments()
+        mean = np.concatenate([m.mean for m in moments])
+        std = np.sqrt(np.concatenate([m.m2 for m in moments]) / moments[0].count)
+        if not is_dask:
+            return mean, std, self._gather_columns(accumulator, data)
+        if np.isnan(mean).any():
+            raise_if_not_finite(features)
+        chunks = (tuple(data.sizes),)
+        full = self._lazy_full(features, codes, rows)
+        return (
+            da.from_array(mean, chunks=chunks),
+            da.from_array(std, chunks=chunks),
+            full,
+        )
+
+    def _gather_columns(
+        self, accumulator: SampleAccumulator, data: ChunkedData
+    ) -> np.ndarray:
+        full = np.empty((data.n_samples, self.n_estimators_))
+        column = 0
+        for block in accumulator.columns:
+            width = 0
+            for start, size, reference in zip(data.starts, data.sizes, block):
+                part = accumulator.backend.fetch(reference)
+                full[start : start + size, column : column + part.shape[1]] = part
+                width = part.shape[1]
+            column += width
+        return full
+
+    def _lazy_full(self, features: da.Array, codes: np.ndarray, rows: int) -> da.Array:
+        X = features.rechunk({0: rows, 1: -1})
+        labels = da.from_array(codes, chunks=(X.chunks[0],))
+        columns = [
+            da.map_blocks(
+                _pmi_columns,
+                X,
+                labels[:, None],
+                offset=self._offset_,
+                directions=fit.directions,
+                params=fit.params,
+                chunks=(X.chunks[0], (fit.directions.shape[0],)),
+                dtype=np.float64,
+            )
+            for fit in self._block_fits_
+        ]
+        return da.concatenate(columns, axis=1)
+
+
+_FITTED = (
+    "n_estimators_",
+    "directions_",
+    "classes_",
+    "class_prior_",
+    "projection_means_",
+    "projection_stds_",
+    "n_features_in_",
+    "n_blocks_",
+    "history_",
+    "converged_",
+    "random_state_",
+    "_offset_",
+    "_block_fits_",
+)
+
+
+def backend_threads() -> int:
+    from psmi_dask._placement import current_threads
+
+    return current_threads()
+
+
+def _reference_sample(features: Any) -> np.ndarray:
+    first = features[0]
+    if isinstance(first, da.Array):
+        first = first.compute()
+    return np.asarray(first, dtype=np.float64)
+
+
+def _check_block_finite(fit: BlockFit, features: Any) -> None:
+    params = fit.params
+    if not (np.all(np.isfinite(params.means)) and np.all(np.isfinite(params.stds))):
+        raise_if_not_finite(features)
+        raise ValueError(
+            "The projections of X overflow float64; rescale X (for example "
+            "divide it by its largest absolute value)."
+        )
+
+
+def _pmi_columns(
+    chunk: np.ndarray,
+    codes: np.ndarray,
+    offset: np.ndarray,
+    directions: np.ndarray,
+    params: GaussianParams,
+) -> np.ndarray:
+    _, columns = score(project(chunk, offset, directions), codes[:, 0], params, True)
+    return columns
+
+
+def _progress_bar(params: Params, sizes: list[int], rule: StoppingRule | None) -> Any:
+    if not params.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=sum(sizes),
+        unit="direction",
+        desc="PSMI (auto)" if rule is not None else "PSMI",
+    )
+
