@@ -580,8 +580,9 @@ def open_labels(
         if kind == "hdf5":
             _check_signature(path, kind)
         if column is not None:
+            described = "an HDF5 file" if kind == "hdf5" else "a zarr store"
             raise ValueError(
-                f"{str(path)!r} is a {kind} file; name its labels with "
+                f"{str(path)!r} is {described}; name its labels with "
                 f"dataset=, not column={column!r}."
             )
         labels = _read_dataset_labels(path, member, kind)
