@@ -28,7 +28,7 @@ from psmi_dask._controller import (
 )
 from psmi_dask._directions import DirectionSource, seed_sequence
 from psmi_dask._numerics import GaussianParams, project, score
-from psmi_dask._placement import backend_for, place
+from psmi_dask._placement import backend_for, current_threads, place
 from psmi_dask._stopping import StoppingRule
 from psmi_dask._validation import (
     Params,
@@ -353,10 +353,10 @@ class PSMI:
                 fit = self._block_fits_[block]
                 directions = delayed(fit.directions, pure=True)
                 params = delayed(fit.params, pure=True)
-                return [score_block(data, directions, params, not is_dask)]
+                return params, score_block(data, directions, params, not is_dask)
 
             def consume(block: int, result: Any) -> bool:
-                accumulator.add(result[0])
+                accumulator.add(result[1])
                 return False
 
             run_blocks(
@@ -660,8 +660,6 @@ _FITTED = (
 
 
 def backend_threads() -> int:
-    from psmi_dask._placement import current_threads
-
     return current_threads()
 
 

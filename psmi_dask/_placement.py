@@ -1,13 +1,17 @@
 """Where the work runs, and how the data gets there.
 
-Without a distributed client, blocks run on Dask's threaded scheduler in
-this process; the features stay where they are and chunks are views.
+With a distributed client (the current one, as dask-ml's estimators find
+it), blocks run on its workers: numpy features are scattered once, chunk by
+chunk, and dask features are persisted when they fit in the workers'
+memory, so no block's graph carries the data. Without a client, blocks run
+on Dask's threaded scheduler in this process and chunks are views.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import dask.array as da
 import numpy as np
@@ -15,26 +19,97 @@ import numpy as np
 from psmi_dask._blocks import ChunkedData
 from psmi_dask._controller import Backend, LocalBackend
 
-__all__ = ["backend_for", "current_threads", "place"]
+__all__ = ["DistributedBackend", "backend_for", "current_client", "place"]
+
+logger = logging.getLogger(__name__)
+
+# Dask features are persisted on the cluster when they take at most this
+# fraction of the workers' memory; larger ones are read anew by each block.
+_PERSIST_FRACTION = 0.25
+
+
+def current_client() -> Any:
+    """The current distributed client, or None."""
+    try:
+        from distributed import get_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+class DistributedBackend:
+    """Blocks as futures on a distributed cluster.
+
+    Per-sample state is merged by small tasks on the workers; only the
+    block fits (directions and Gaussians) and scalars reach the client.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.n_threads = max(1, sum(client.nthreads().values()))
+        self._futures: list[Any] = []
+
+    def submit(self, graphs: Sequence[Any]) -> Any:
+        head, per_chunk = graphs
+        futures = self.client.compute([head, *per_chunk])
+        return futures
+
+    def wait(self, handle: Any) -> Any:
+        return handle[0].result(), handle[1:]
+
+    def cancel(self, handle: Any) -> None:
+        # Releasing, rather than Client.cancel, lets the scheduler forget
+        # tasks not yet run, without racing the graph's own registration.
+        for future in handle:
+            future.release()
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        future = self.client.submit(function, *args, priority=10)
+        self._futures.append(future)
+        return future
+
+    def fetch(self, reference: Any) -> Any:
+        return reference.result() if hasattr(reference, "result") else reference
+
+    def close(self) -> None:
+        # Dropping the last reference to a future releases it on the cluster.
+        self._futures.clear()
 
 
 def current_threads() -> int:
-    """Threads available to blocks: the machine's cores."""
-    return os.cpu_count() or 1
+    """Threads available to blocks: the cluster's, or this machine's cores."""
+    client = current_client()
+    if client is None:
+        return os.cpu_count() or 1
+    return max(1, sum(client.nthreads().values()))
 
 
 def backend_for(max_in_flight: int) -> Backend:
-    """The backend blocks run on."""
-    return LocalBackend(max_in_flight)
+    """The backend blocks run on: the current client's cluster, or local."""
+    client = current_client()
+    if client is None:
+        return LocalBackend(max_in_flight)
+    return DistributedBackend(client)
 
 
-def _chunked(features: Any, codes: np.ndarray, rows: int) -> tuple[da.Array, da.Array]:
+def _rechunked(features: Any, rows: int) -> da.Array | np.ndarray:
     if isinstance(features, da.Array):
-        X = features.rechunk({0: rows, 1: -1})
-    else:
-        X = da.from_array(features, chunks=(rows, -1), name=False)
-    labels = da.from_array(codes, chunks=(X.chunks[0],), name=False)
-    return X, labels
+        return features.rechunk({0: rows, 1: -1})
+    return features
+
+
+def _bounds(n_samples: int, rows: int) -> tuple[list[int], list[int]]:
+    starts = list(range(0, n_samples, rows))
+    sizes = [min(rows, n_samples - start) for start in starts]
+    return starts, sizes
+
+
+def _worker_memory(client: Any) -> float:
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    return float(sum(limits)) or float("inf")
 
 
 def place(
@@ -44,15 +119,47 @@ def place(
     rows: int,
     offset: np.ndarray,
 ) -> ChunkedData:
-    """Split features and codes into chunks of ``rows`` samples."""
-    X, labels = _chunked(features, codes, rows)
-    sizes = [int(s) for s in X.chunks[0]]
-    starts = [int(s) for s in np.cumsum([0, *sizes[:-1]])]
+    """Split features and codes into chunks of ``rows`` samples.
+
+    The chunking depends on ``rows`` only, never on the input's chunks.
+    """
+    n_samples, n_features = features.shape
+    starts, sizes = _bounds(n_samples, rows)
+    X = _rechunked(features, rows)
+    code_chunks = [codes[s : s + n] for s, n in zip(starts, sizes)]
+    if isinstance(backend, DistributedBackend):
+        return _place_on_cluster(backend, X, code_chunks, starts, sizes, offset)
+    if isinstance(X, da.Array):
+        feature_chunks = list(X.to_delayed().ravel())
+    else:
+        X = da.from_array(X, chunks=(rows, -1), name=False)
+        feature_chunks = list(X.to_delayed().ravel())
+    return ChunkedData(feature_chunks, code_chunks, starts, sizes, offset, n_features)
+
+
+def _place_on_cluster(
+    backend: DistributedBackend,
+    X: Any,
+    code_chunks: list[np.ndarray],
+    starts: list[int],
+    sizes: list[int],
+    offset: np.ndarray,
+) -> ChunkedData:
+    client = backend.client
+    if isinstance(X, da.Array):
+        if X.nbytes <= _PERSIST_FRACTION * _worker_memory(client):
+            X = client.persist(X)
+            # The persisted array owns the futures of its chunks.
+            backend._futures.append(X)
+        feature_chunks: list[Any] = list(X.to_delayed().ravel())
+    else:
+        feature_chunks = client.scatter(
+            [X[s : s + n] for s, n in zip(starts, sizes)], hash=False
+        )
+        backend._futures.extend(feature_chunks)
+    code_futures = client.scatter(code_chunks, hash=False)
+    [offset_future] = client.scatter([offset], broadcast=True, hash=False)
+    backend._futures.extend([*code_futures, offset_future])
     return ChunkedData(
-        features=list(X.to_delayed().ravel()),
-        codes=list(labels.to_delayed().ravel()),
-        starts=starts,
-        sizes=sizes,
-        offset=offset,
-        n_features=int(X.shape[1]),
+        feature_chunks, code_futures, starts, sizes, offset_future, X.shape[1]
     )
