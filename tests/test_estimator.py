@@ -1,0 +1,185 @@
+"""PSMI against psmi 0.2.0 on shared directions, and its invariances."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import psmi
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from psmi_dask import PSMI
+
+# pmi near 0 is the difference of two O(1) logs: absolute agreement there.
+RTOL, ATOL = 1e-9, 1e-12
+
+
+def _mixture(seed: int, n: int = 800, d: int = 16, n_classes: int = 4, gap=0.3):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(n_classes, size=n)
+    X = rng.normal(size=(n, d)) + gap * y[:, None] * rng.normal(size=d)
+    return X, y
+
+
+def _iid_blocks(seed: int, n_blocks: int, block: int, d: int) -> np.ndarray:
+    """The directions psmi 0.2.0 draws, block after block, from ``seed``."""
+    np.random.seed(seed)
+    blocks = []
+    for _ in range(n_blocks):
+        g = np.random.normal(0, 1, block * d).reshape(block, d)
+        blocks.append(g / np.linalg.norm(g, axis=1)[:, None])
+    return np.concatenate(blocks)
+
+
+@pytest.mark.parametrize("n_estimators, block", [(300, 100), (250, 100), (64, 500)])
+def test_fixed_mode_equals_psmi_on_shared_directions(n_estimators, block):
+    X, y = _mixture(0)
+    np.random.seed(10)
+    reference = psmi.PSMI(n_estimators=n_estimators)
+    expected = reference.fit_transform(X, y)
+    est = PSMI(n_estimators, min_n_estimators=block, directions=reference.thetas)
+    for ours, theirs in zip(est.fit_transform(X, y), expected):
+        assert_allclose(ours, theirs, rtol=RTOL, atol=ATOL)
+    for c in est.classes_:
+        assert_allclose(est.mean_per_label[c], reference.mean_per_label[c], rtol=RTOL)
+        assert_allclose(est.std_per_label[c], reference.std_per_label[c], rtol=RTOL)
+        assert est.frequency_per_label[c] == reference.frequency_per_label[c]
+    X_new, y_new = _mixture(1, n=50)
+    for ours, theirs in zip(est.transform(X_new, y_new), reference.transform(X_new, y_new)):
+        assert_allclose(ours, theirs, rtol=RTOL, atol=ATOL)
+
+
+def test_auto_mode_equals_psmi_and_stops_at_the_same_block():
+    X, y = _mixture(2, n=400, d=8, gap=0.6)
+    block = 50
+    directions = _iid_blocks(7, 200, block, X.shape[1])
+    np.random.seed(7)
+    reference = psmi.PSMI(min_n_estimators=block)
+    expected = reference.fit_transform(X, y)
+    assert_array_equal(reference.thetas, directions[: reference.n_estimators])
+    est = PSMI(min_n_estimators=block, directions=directions, max_n_estimators=10_000)
+    outputs = est.fit_transform(X, y)
+    assert est.n_estimators == reference.n_estimators
+    assert est.converged_ is True
+    for ours, theirs in zip(outputs, expected):
+        assert_allclose(ours, theirs, rtol=RTOL, atol=ATOL)
+
+
+def test_numpy_in_numpy_out_dask_in_dask_out():
+    X, y = _mixture(3, n=300)
+    est = PSMI(n_estimators=120, min_n_estimators=50, random_state=0)
+    numpy_out = est.fit_transform(X, y)
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in numpy_out)
+    dask_out = est.fit_transform(da.from_array(X, chunks=(70, 5)), da.from_array(y))
+    assert all(isinstance(a, da.Array) for a in dask_out)
+    assert dask_out[2].shape == (300, 120)
+    for a, b in zip(dask_out, numpy_out):
+        assert_array_equal(a.compute(), b)
+
+
+@pytest.mark.parametrize("chunks", [(1, 16), (37, 16), (100, 3), (299, 16), (-1, -1)])
+def test_outputs_are_identical_whatever_the_chunking(chunks):
+    X, y = _mixture(4, n=600)
+    kwargs = dict(min_n_estimators=40, random_state=5, chunk_size=128)
+    expected = PSMI(**kwargs).fit_transform(X, y)
+    est = PSMI(**kwargs)
+    got = est.fit_transform(da.from_array(X, chunks=chunks), y)
+    for a, b in zip(got, expected):
+        assert_array_equal(a.compute(), b)
+
+
+def test_outputs_do_not_depend_on_which_thread_ran_which_block():
+    X, y = _mixture(5, n=500)
+    kwargs = dict(n_estimators=400, min_n_estimators=50, random_state=9)
+    expected = PSMI(**kwargs, max_blocks_in_flight=1).fit_transform(X, y)
+    for in_flight in (2, 3, 8):
+        got = PSMI(**kwargs, max_blocks_in_flight=in_flight).fit_transform(X, y)
+        for a, b in zip(got, expected):
+            assert_array_equal(a, b)
+    with dask.config.set(num_workers=1):
+        got = PSMI(**kwargs).fit_transform(X, y)
+    for a, b in zip(got, expected):
+        assert_array_equal(a, b)
+
+
+def test_fit_transform_equals_fit_then_transform_auto():
+    X, y = _mixture(6, n=300, d=8, gap=5.0)
+    est = PSMI(min_n_estimators=50, random_state=1, max_n_estimators=2000)
+    got = est.fit_transform(X, y)
+    again = PSMI(min_n_estimators=50, random_state=1, max_n_estimators=2000)
+    for a, b in zip(got, again.fit(X, y).transform(X, y)):
+        assert_array_equal(a, b)
+
+
+def test_fitted_attributes_and_history():
+    X, y = _mixture(7, n=300, d=8, gap=5.0)
+    est = PSMI(min_n_estimators=50, random_state=2, max_n_estimators=3000).fit(X, y)
+    n = est.n_estimators_
+    assert est.directions_.shape == (n, X.shape[1])
+    assert_allclose(np.linalg.norm(est.directions_, axis=1), 1.0, rtol=1e-12)
+    assert est.projection_means_.shape == est.projection_stds_.shape == (4, n)
+    assert est.n_blocks_ == len(est.history_) == n // 50
+    assert [r["block"] for r in est.history_] == list(range(est.n_blocks_))
+    assert [r["n_estimators"] for r in est.history_] == [
+        50 * (i + 1) for i in range(est.n_blocks_)
+    ]
+    assert est.history_[0]["variation"] is None
+    assert est.history_[-1]["variation"] <= 0.05
+    assert_array_equal(est.thetas, est.directions_)
+    assert est.fitted and est.n_features_in_ == X.shape[1]
+    assert_allclose(est.class_prior_, np.bincount(y) / y.size)
+    assert est.get_params()["n_estimators"] == "auto"
+
+
+def test_seed_kinds_and_reproducibility():
+    X, y = _mixture(8, n=200)
+    kw = dict(n_estimators=60, min_n_estimators=25)
+    a = PSMI(**kw, random_state=3).fit(X, y).directions_
+    b = PSMI(**kw, random_state=np.random.SeedSequence(3)).fit(X, y).directions_
+    assert_array_equal(a, b)
+    rng = np.random.default_rng(0)
+    first = PSMI(**kw, random_state=rng).fit(X, y).directions_
+    second = PSMI(**kw, random_state=rng).fit(X, y).directions_
+    assert not np.array_equal(first, second)
+    iid = PSMI(**kw, random_state=3, directions="iid").fit(X, y).directions_
+    assert not np.array_equal(a, iid)
+
+
+def test_directions_of_a_block_do_not_depend_on_the_count():
+    X, y = _mixture(9, n=200)
+    short = PSMI(n_estimators=130, min_n_estimators=50, random_state=4).fit(X, y)
+    long = PSMI(n_estimators=150, min_n_estimators=50, random_state=4).fit(X, y)
+    assert_array_equal(short.directions_, long.directions_[:130])
+
+
+def test_orthogonal_frames_are_orthonormal():
+    X, y = _mixture(10, n=200, d=16)
+    est = PSMI(n_estimators=40, min_n_estimators=40, random_state=0).fit(X, y)
+    frame = est.directions_[:16]
+    assert_allclose(frame @ frame.T, np.eye(16), atol=1e-12)
+    assert_allclose(est.directions_[16:32] @ est.directions_[16:32].T, np.eye(16), atol=1e-12)
+
+
+def test_orthogonal_directions_have_lower_error_than_iid():
+    X, y = _mixture(11, n=400, d=32, gap=0.4)
+    truth = PSMI(n_estimators=20_000, min_n_estimators=2000, random_state=0)
+    exact = truth.fit_transform(X, y)[0]
+    errors = {}
+    for kind in ("iid", "orthogonal"):
+        runs = [
+            PSMI(n_estimators=96, min_n_estimators=96, directions=kind, random_state=s)
+            .fit_transform(X, y)[0]
+            for s in range(1, 6)
+        ]
+        errors[kind] = np.sqrt(np.mean([(r - exact) ** 2 for r in runs]))
+    assert errors["orthogonal"] < 0.8 * errors["iid"]
+
+
+def test_refit_and_set_params():
+    X, y = _mixture(12, n=200)
+    est = PSMI(n_estimators=50, min_n_estimators=25, random_state=0)
+    est.fit(X, y)
+    est.set_params(n_estimators=75)
+    est.fit(X[:, :5], y)
+    assert est.n_estimators_ == 75 and est.n_features_in_ == 5

@@ -1,0 +1,114 @@
+"""Exact properties of the numerics (DESIGN.md, "The quantity")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from psmi_dask import PSMI
+from psmi_dask._numerics import (
+    class_moments,
+    fit_gaussians,
+    merge_class_moments,
+    project,
+    score,
+)
+
+
+def _mixture(seed: int, n: int = 600, d: int = 6, n_classes: int = 3):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(n_classes, size=n)
+    X = rng.normal(size=(n, d)) + 0.8 * y[:, None] * rng.normal(size=d)
+    return X, y
+
+
+def _pmi(X, y, directions, codes=None):
+    offset = X[0].astype(np.float64)
+    T = project(X, offset, directions)
+    params = fit_gaussians(class_moments(T, y, int(y.max()) + 1), 1e-9)
+    codes = y if codes is None else codes
+    return score(T, codes, params, keep_columns=True)[1], params
+
+
+def test_pmi_is_bounded_by_minus_log_prior():
+    X, y = _mixture(0)
+    directions = PSMI(n_estimators=40, random_state=0).fit(X, y).directions_
+    pmi, params = _pmi(X, y, directions)
+    bound = -params.log_prior[y][:, None]
+    assert np.all(pmi <= bound + 1e-12)
+
+
+def test_posterior_of_every_class_sums_to_one():
+    X, y = _mixture(1)
+    directions = PSMI(n_estimators=30, random_state=1).fit(X, y).directions_
+    total = 0.0
+    for label in range(3):
+        codes = np.full_like(y, label)
+        pmi, params = _pmi(X, y, directions, codes)
+        total = total + np.exp(params.log_prior[label] + pmi)
+    assert_allclose(total, 1.0, rtol=1e-12)
+
+
+def test_opposite_directions_give_the_same_pmi():
+    X, y = _mixture(2)
+    directions = PSMI(n_estimators=25, random_state=2).fit(X, y).directions_
+    pmi, _ = _pmi(X, y, directions)
+    flipped, _ = _pmi(X, y, -directions)
+    assert_allclose(flipped, pmi, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale, shift", [(1000.0, 0.0), (1e-3, 5.0), (7.0, -1e4)])
+def test_psmi_is_unchanged_by_translation_and_positive_scaling(scale, shift):
+    X, y = _mixture(3)
+    est = PSMI(n_estimators=50, random_state=3)
+    reference = est.fit_transform(X, y)[0]
+    moved = est.fit_transform(X * scale + shift, y)[0]
+    assert_allclose(moved, reference, rtol=1e-7, atol=1e-9)
+
+
+def test_one_feature_psmi_does_not_depend_on_the_seed():
+    X, y = _mixture(4, d=1)
+    first = PSMI(n_estimators=20, random_state=0).fit_transform(X, y)[0]
+    second = PSMI(n_estimators=20, random_state=99).fit_transform(X, y)[0]
+    assert_allclose(second, first, rtol=1e-12, atol=1e-14)
+
+
+def test_one_class_gives_exactly_zero():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(50, 4))
+    mean, std, full = PSMI(n_estimators=20, random_state=0).fit_transform(
+        X, np.zeros(50, dtype=int)
+    )
+    assert np.all(full == 0.0) and np.all(mean == 0.0) and np.all(std == 0.0)
+
+
+def test_merged_moments_equal_numpy_two_pass():
+    rng = np.random.default_rng(6)
+    T = rng.normal(loc=1e4, size=(1000, 7))
+    codes = rng.integers(3, size=1000)
+    parts = [class_moments(T[a:b], codes[a:b], 3) for a, b in [(0, 5), (5, 610), (610, 1000)]]
+    merged = merge_class_moments(merge_class_moments(parts[0], parts[1]), parts[2])
+    for c in range(3):
+        assert merged.counts[c] == np.sum(codes == c)
+        assert_allclose(merged.means[c], T[codes == c].mean(axis=0), rtol=1e-14)
+        assert_allclose(
+            merged.m2[c] / merged.counts[c], T[codes == c].var(axis=0), rtol=1e-10
+        )
+
+
+def test_far_points_are_finite():
+    X, y = _mixture(7)
+    est = PSMI(n_estimators=30, random_state=0).fit(X, y)
+    mean, std, full = est.transform(X * 1e6, y)
+    assert np.all(np.isfinite(full))
+
+
+def test_constant_features_give_exactly_zero():
+    X = np.full((40, 5), 0.1)
+    y = np.repeat([0, 1], 20)
+    est = PSMI(n_estimators=20, random_state=0)
+    mean, _, full = est.fit_transform(X, y)
+    assert_array_equal(full, 0.0)
+    mean_new, _, _ = est.transform(X + 3.0, y)
+    assert_array_equal(mean_new, 0.0)
