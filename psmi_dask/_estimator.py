@@ -28,7 +28,7 @@ from psmi_dask._controller import (
 )
 from psmi_dask._directions import DirectionSource, seed_sequence
 from psmi_dask._numerics import GaussianParams, project, score
-from psmi_dask._placement import backend_for, current_threads, place
+from psmi_dask._placement import current_threads, place, run_with_retries
 from psmi_dask._stopping import StoppingRule
 from psmi_dask._validation import (
     Params,
@@ -342,14 +342,15 @@ class PSMI:
         params = check_params(self)
         is_dask = isinstance(features, da.Array)
         rows = params.chunk_size or chunk_rows(self.n_features_in_, params.block_size)
-        backend = backend_for(self._in_flight(params))
-        try:
+        in_flight = self._in_flight(params)
+
+        def transform_on(backend: Any) -> tuple[Any, Any, Any]:
             data = place(backend, features, codes, rows, self._offset_)
             accumulator = SampleAccumulator(
                 backend, data.starts, None, not is_dask, data.n_samples
             )
 
-            def build(block: int) -> list[Any]:
+            def build(block: int) -> tuple[Any, list[Any]]:
                 fit = self._block_fits_[block]
                 directions = delayed(fit.directions, pure=True)
                 params = delayed(fit.params, pure=True)
@@ -359,12 +360,10 @@ class PSMI:
                 accumulator.add(result[1])
                 return False
 
-            run_blocks(
-                backend, build, len(self._block_fits_), self._in_flight(params), consume
-            )
+            run_blocks(backend, build, len(self._block_fits_), in_flight, consume)
             return self._outputs(features, codes, data, accumulator, is_dask, rows)
-        finally:
-            backend.close()
+
+        return run_with_retries(transform_on, in_flight)
 
     # psmi 0.2.0's names, read-only.
 
@@ -459,8 +458,7 @@ class PSMI:
         keep_columns = with_scores and not is_dask
         cache = n_samples * params.block_size * 8 * in_flight <= _PROJECTION_CACHE_BYTES
         offset = _reference_sample(features)
-        backend = backend_for(in_flight)
-        try:
+        def fit_on(backend: Any) -> Any:
             data = place(backend, features, codes, rows, offset)
             accumulator = (
                 SampleAccumulator(backend, data.starts, rule, keep_columns, n_samples)
@@ -472,12 +470,11 @@ class PSMI:
                 rule, cache, features,
             )
             self._set_fitted(fits, history, classes, codes, offset, rule, params)
-            if not with_scores or accumulator is None:
+            if accumulator is None:
                 return None
-            accumulator.columns = accumulator.columns[: len(fits)]
             return self._outputs(features, codes, data, accumulator, is_dask, rows)
-        finally:
-            backend.close()
+
+        return run_with_retries(fit_on, in_flight)
 
     def _run_fit(
         self,

@@ -19,7 +19,14 @@ import numpy as np
 from psmi_dask._blocks import ChunkedData
 from psmi_dask._controller import Backend, LocalBackend
 
-__all__ = ["DistributedBackend", "backend_for", "current_client", "place"]
+__all__ = [
+    "DistributedBackend",
+    "SchedulerLostError",
+    "backend_for",
+    "current_client",
+    "place",
+    "run_with_retries",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +100,58 @@ def backend_for(max_in_flight: int) -> Backend:
     if client is None:
         return LocalBackend(max_in_flight)
     return DistributedBackend(client)
+
+
+_ATTEMPTS = 3
+
+
+class SchedulerLostError(ConnectionError):
+    """The distributed scheduler went away while PSMI was running on it."""
+
+
+def _lost_data(error: BaseException) -> bool:
+    try:
+        from distributed.client import FutureCancelledError
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return False
+    return isinstance(error, FutureCancelledError)
+
+
+def run_with_retries(work: Callable[[Backend], Any], max_in_flight: int) -> Any:
+    """Run ``work(backend)``, again from the start if the cluster lost data.
+
+    A worker that dies takes scattered chunks and per-sample state with it;
+    since every result is a pure function of the data, the parameters and
+    the seed, running the work again gives the same bits. A scheduler that
+    goes away ends the run with a SchedulerLostError.
+    """
+    for attempt in range(1, _ATTEMPTS + 1):
+        backend = backend_for(max_in_flight)
+        try:
+            return work(backend)
+        except Exception as error:
+            if not isinstance(backend, DistributedBackend) or not _lost_data(error):
+                raise
+            client = backend.client
+            if client.status != "running" or "connection-lost" in str(error):
+                raise SchedulerLostError(
+                    f"Lost the connection to the Dask scheduler at "
+                    f"{client.scheduler.address if client.scheduler else 'unknown'} "
+                    "during the run; the estimator is left as it was before. "
+                    "Connect a new Client and run again."
+                ) from error
+            if attempt == _ATTEMPTS:
+                raise
+            logger.warning(
+                "the cluster lost data of this run (%s); running it again "
+                "(attempt %d of %d)",
+                error,
+                attempt + 1,
+                _ATTEMPTS,
+            )
+        finally:
+            backend.close()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _rechunked(features: Any, rows: int) -> da.Array | np.ndarray:
