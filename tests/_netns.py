@@ -237,6 +237,12 @@ def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> No
         return
 
 
+def recipe_path_env() -> dict[str, str]:
+    """PATH that finds this environment's ``dask`` and ``psmi-dask`` first."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {"PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+
+
 @dataclass
 class DaskHosts:
     """A dask scheduler in the first host and a dask worker in each other."""
@@ -258,9 +264,11 @@ class DaskHosts:
     def scheduler_address(self) -> str:
         return f"tcp://{self.scheduler_host.address}:{SCHEDULER_PORT}"
 
-    def _spawn(self, host: Host, argv: list[str]) -> subprocess.Popen:
+    def _spawn(
+        self, host: Host, argv: list[str], extra_env: dict[str, str]
+    ) -> subprocess.Popen:
         log = open(self.log_dir / f"{host.name}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, **DASK_TEST_ENV}
+        env = {**os.environ, **DASK_TEST_ENV, **extra_env}
         if self.pythonpath:
             env["PYTHONPATH"] = os.pathsep.join(
                 [*self.pythonpath, *filter(None, [env.get("PYTHONPATH")])]
@@ -279,41 +287,39 @@ class DaskHosts:
         self.processes[host.name] = process
         return process
 
-    def start(self, timeout: float = 30.0) -> DaskHosts:
-        scheduler = self._spawn(
-            self.scheduler_host,
-            [
-                sys.executable,
-                "-m",
-                "distributed.cli.dask_scheduler",
-                "--host",
-                self.scheduler_host.address,
-                "--port",
-                str(SCHEDULER_PORT),
-                "--no-dashboard",
-            ],
-        )
+    def _scheduler_command(self, recipe: Path | None) -> tuple[list[str], dict]:
+        host = self.scheduler_host
+        if recipe is not None:
+            env = {"PSMI_HOST": host.address, "PSMI_PORT": str(SCHEDULER_PORT)}
+            return ["bash", str(recipe), "scheduler"], {**env, **recipe_path_env()}
+        return [
+            *(sys.executable, "-m", "distributed.cli.dask_scheduler"),
+            *("--host", host.address, "--port", str(SCHEDULER_PORT)),
+            "--no-dashboard",
+        ], {}
+
+    def _worker_command(
+        self, host: Host, recipe: Path | None
+    ) -> tuple[list[str], dict]:
+        scratch = self.log_dir / f"{host.name}-scratch"
+        if recipe is not None:
+            env = {"PSMI_HOST": host.address, "PSMI_NTHREADS": "1"}
+            argv = ["bash", str(recipe), "worker", self.scheduler_address]
+            return argv, {**env, **recipe_path_env()}
+        return [
+            *(sys.executable, "-m", "distributed.cli.dask_worker"),
+            self.scheduler_address,
+            *("--host", host.address, "--name", host.name),
+            *("--nworkers", "1", "--nthreads", "1"),
+            *("--local-directory", str(scratch)),
+            *("--no-dashboard", "--death-timeout", "60"),
+        ], {}
+
+    def start(self, timeout: float = 30.0, recipe: Path | None = None) -> DaskHosts:
+        """Start the processes; with ``recipe``, through deploy/hosts' script."""
+        scheduler = self._spawn(self.scheduler_host, *self._scheduler_command(recipe))
         for host in self.worker_hosts:
-            self._spawn(
-                host,
-                [
-                    sys.executable,
-                    "-m",
-                    "distributed.cli.dask_worker",
-                    self.scheduler_address,
-                    "--host",
-                    host.address,
-                    "--nworkers",
-                    "1",
-                    "--nthreads",
-                    "1",
-                    "--name",
-                    host.name,
-                    "--no-dashboard",
-                    "--death-timeout",
-                    "60",
-                ],
-            )
+            self._spawn(host, *self._worker_command(host, recipe))
         wait_for_port(self.scheduler_host.address, SCHEDULER_PORT, scheduler, timeout)
         return self
 

@@ -9,6 +9,10 @@ only, and must get exactly what a local run gets. Needs root and iproute2's
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +22,7 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-from _netns import DaskHosts, NetnsHosts, unavailable_reason
+from _netns import DaskHosts, NetnsHosts, recipe_path_env, unavailable_reason
 from threadpoolctl import threadpool_limits
 
 from psmi_dask import PSMI
@@ -27,6 +31,8 @@ from psmi_dask.io import open_features
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 HOST_NAMES = ("sched", "w1", "w2")
+RECIPE = Path(__file__).resolve().parents[1] / "deploy" / "hosts" / "psmi-hosts.sh"
+BLAS_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 WAIT = 30.0
 FIT_TIMEOUT = 60.0
 CLIENT_CONFIG = {
@@ -44,23 +50,35 @@ PARAMS = {
 
 
 @pytest.fixture
-def hosts(request, tmp_path):
+def start_hosts(request, tmp_path):
+    """Build the three hosts and start Dask in them; torn down at the end."""
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    network = NetnsHosts(HOST_NAMES)
-    # The scheduler runs _task_counts, so this module must import there.
-    cluster = DaskHosts(network, tmp_path, pythonpath=(str(Path(__file__).parent),))
 
-    def teardown():
-        cluster.stop()
-        errors = network.teardown()
-        assert not errors, "test network teardown failed:\n" + "\n".join(errors)
+    def start(recipe=None):
+        network = NetnsHosts(HOST_NAMES)
+        log_dir = tmp_path / "hosts"
+        log_dir.mkdir()
+        # The scheduler runs _task_counts, so this module must import there.
+        cluster = DaskHosts(network, log_dir, pythonpath=(str(Path(__file__).parent),))
 
-    request.addfinalizer(teardown)
-    network.build()
-    cluster.start(timeout=WAIT)
-    return cluster
+        def teardown():
+            cluster.stop()
+            errors = network.teardown()
+            assert not errors, "test network teardown failed:\n" + "\n".join(errors)
+
+        request.addfinalizer(teardown)
+        network.build()
+        cluster.start(timeout=WAIT, recipe=recipe)
+        return cluster
+
+    return start
+
+
+@pytest.fixture
+def hosts(start_hosts):
+    return start_hosts()
 
 
 @pytest.fixture
@@ -212,3 +230,55 @@ def test_fit_survives_a_host_cut_off(hosts, data, tmp_path):
 
     assert blocks_before_cut < PARAMS["n_estimators"] // PARAMS["min_n_estimators"]
     assert_same_outputs(got, expected)
+
+
+def test_hosts_recipe_runs_a_fit_with_the_cli(start_hosts, data, tmp_path):
+    """deploy/hosts/psmi-hosts.sh starts the hosts and runs psmi-dask run."""
+    zarr = pytest.importorskip("zarr")
+    env = {**os.environ, **recipe_path_env(), **BLAS_ONE_THREAD}
+    for program in ("dask", "psmi-dask"):
+        if shutil.which(program, path=env["PATH"]) is None:
+            pytest.skip(f"no {program} script beside {sys.executable}")
+    hosts = start_hosts(recipe=RECIPE)
+    X, y = data
+    features, labels = tmp_path / "features.npy", tmp_path / "labels.npy"
+    np.save(features, X)
+    np.save(labels, y)
+    options = ["--n-estimators", "1000", "--block-size", "100", "--seed", "0"]
+    options += ["--chunk-rows", str(PARAMS["chunk_size"])]
+
+    def run(argv):
+        result = subprocess.run(
+            argv,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=FIT_TIMEOUT,
+            check=False,
+        )
+        assert result.returncode == 0, f"{argv}:\n{result.stdout}\n{result.stderr}"
+
+    with logs_on_failure(hosts):
+        run(
+            [
+                "psmi-dask",
+                "run",
+                str(features),
+                str(labels),
+                "-o",
+                str(tmp_path / "local.zarr"),
+            ]
+            + options
+        )
+        with dask.config.set(CLIENT_CONFIG), _connect(hosts):
+            pass  # both workers are up before the fit starts
+        address = hosts.scheduler_address
+        run(
+            ["bash", str(RECIPE), "run", address, str(features), str(labels)]
+            + [str(tmp_path / "remote.zarr"), *options]
+        )
+
+    local = zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
+    remote = zarr.open_group(str(tmp_path / "remote.zarr"), mode="r")
+    for name in ("psmi_mean", "psmi_std"):
+        np.testing.assert_array_equal(remote[name][...], local[name][...])
