@@ -267,18 +267,26 @@ def test_r8_auto_mode_stops_at_max_n_estimators_with_a_warning():
 # From public reports
 
 
+@pytest.mark.parametrize("n_estimators", [20, "auto"])
 @pytest.mark.parametrize("X_kind", ["numpy", "dask"])
-def test_c01_one_class_gives_exactly_zero(X_kind):
+def test_c01_one_class_gives_exactly_zero(X_kind, n_estimators):
     X = np.random.default_rng(11).normal(size=(30, 4))
     y = np.zeros(30, dtype=int)
     if X_kind == "dask":
         X = da.from_array(X, chunks=(10, 4))
+    est = PSMI(n_estimators=n_estimators, min_n_estimators=20, random_state=11)
 
-    outputs = _computed(PSMI(n_estimators=20, random_state=11).fit_transform(X, y))
+    outputs = _computed(_within(HANG_SECONDS, lambda: est.fit_transform(X, y)))
 
     psmi_mean, _, psmi_full = outputs
     assert psmi_mean.shape == (30,)
-    assert psmi_full.shape == (30, 20)
+    assert psmi_full.shape == (30, est.n_estimators_)
+    if n_estimators == "auto":
+        # PSMI exactly 0 must not make the rule's relative change 0/0.
+        assert est.converged_ is True
+        assert est.n_estimators_ == 40
+    else:
+        assert est.n_estimators_ == 20
     for values in outputs:
         assert not np.isnan(values).any()
         assert np.max(np.abs(values)) <= 1e-12
