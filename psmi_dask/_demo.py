@@ -101,8 +101,9 @@ def flip_labels(
     Examples
     --------
     >>> import numpy as np
-    >>> noisy, flipped = flip_labels(np.arange(100) % 4, fraction=0.1)
-    >>> int(flipped.sum()), bool(np.all(noisy[flipped] != (np.arange(100) % 4)[flipped]))
+    >>> y = np.arange(100) % 4
+    >>> noisy, flipped = flip_labels(y, fraction=0.1)
+    >>> int(flipped.sum()), bool(np.all(noisy[flipped] != y[flipped]))
     (10, True)
     """
     classes, codes = np.unique(y, return_inverse=True)
@@ -159,7 +160,7 @@ def plot_psmi(
 
     values = np.asarray(psmi_mean, dtype=float)
     finite = values[np.isfinite(values)]
-    bins = np.histogram_bin_edges(finite, bins=50) if finite.size else 10
+    bins: Any = np.histogram_bin_edges(finite, bins=50) if finite.size else 10
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.subplots()
     if groups is None:

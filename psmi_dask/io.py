@@ -793,7 +793,7 @@ def _save_npy(paths: dict[str, Path], arrays: dict[str, Any]) -> None:
                 target, mode="w+", dtype=values.dtype, shape=values.shape
             )
             del stored
-            writer = _NpyRegionWriter(target, values.shape, values.dtype)
+            writer: Any = _NpyRegionWriter(target, values.shape, values.dtype)
             da.store(values, writer, lock=False)
         else:
             np.save(target, np.asarray(values))

@@ -474,3 +474,62 @@ def test_write_record_handles_numpy_values(tmp_path):
     assert loaded["n"] == 3
     assert loaded["values"] == [0.0, 1.0, 2.0]
     assert loaded["seed"]["entropy"] == 5
+
+
+@pytest.fixture(scope="module")
+def numpy_psmi(features, labels):
+    from psmi_dask import PSMI
+
+    estimator = PSMI(n_estimators=300, min_n_estimators=150, random_state=0)
+    return estimator.fit_transform(features[:3_000], labels[:3_000])
+
+
+def write_format(base, kind, values):
+    """Write ``values`` as ``kind``; return the path with its member, if any."""
+    if kind == "zarr":
+        return write_zarr(base / "X.zarr", values)
+    if kind == "zarr-group":
+        group = zarr.open_group(str(base / "g.zarr"), mode="w")
+        group.create_array("X", data=values, chunks=(STORED_ROWS, values.shape[1]))
+        return f"{base / 'g.zarr'}:X"
+    if kind == "hdf5-chunked":
+        return write_hdf5(base / "X.h5", values)
+    np.save(base / "X.npy", values)
+    return base / "X.npy"
+
+
+@pytest.mark.parametrize("kind", ["zarr", "zarr-group", "hdf5-chunked", "npy"])
+def test_file_inputs_give_numpy_results(tmp_path, features, labels, numpy_psmi, kind):
+    from psmi_dask import PSMI
+
+    path = write_format(tmp_path, kind, features[:3_000])
+    X = open_features(path, chunk_rows=1_500)
+
+    estimator = PSMI(n_estimators=300, min_n_estimators=150, random_state=0)
+    outputs = estimator.fit_transform(X, labels[:3_000])
+
+    for got, want in zip(outputs, numpy_psmi, strict=True):
+        assert isinstance(got, da.Array)
+        np.testing.assert_allclose(got.compute(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_fit_reads_stored_chunks_alike_whatever_the_chunks(files, labels, monkeypatch):
+    # C21 through the estimator: requested chunks of 1,500 or 700 rows read
+    # every stored chunk exactly as often as the stored chunking itself does.
+    from psmi_dask import PSMI
+
+    path, _ = files["zarr"]
+    counts = []
+    for chunk_rows in (STORED_ROWS, 1_500, 700):
+        reads = count_chunk_reads(monkeypatch)
+        X = open_features(path, chunk_rows=chunk_rows)
+        estimator = PSMI(n_estimators=300, min_n_estimators=150, random_state=0)
+        psmi_mean, _, _ = estimator.fit_transform(X, labels)
+        psmi_mean.compute()
+        counts.append({key: n for key, n in reads.items() if "/c/" in f"/{key}"})
+        monkeypatch.undo()
+
+    assert len(counts[0]) == N_SAMPLES // STORED_ROWS
+    assert counts[1] == counts[0]
+    assert counts[2] == counts[0]
+    assert max(counts[0].values()) <= 2 * estimator.n_blocks_ + 1
