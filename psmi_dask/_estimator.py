@@ -299,6 +299,7 @@ class PSMI:
             The fitted estimator.
         """
         self._fit(X, y, with_scores=False)
+        self._warn_if_not_converged()
         return self
 
     def fit_transform(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
@@ -312,7 +313,9 @@ class PSMI:
         psmi_mean, psmi_std, psmi_full
             See ``transform``.
         """
-        return self._fit(X, y, with_scores=True)
+        outputs = self._fit(X, y, with_scores=True)
+        self._warn_if_not_converged()
+        return outputs
 
     def transform(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
         """PSMI of each sample under the fitted Gaussians.
@@ -400,6 +403,11 @@ class PSMI:
 
     # Internals.
 
+    def _warn_if_not_converged(self) -> None:
+        message = self.__dict__.pop("_convergence_warning", None)
+        if message is not None:
+            warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
     def _check_fitted(self) -> None:
         if not self.fitted:
             raise NotFittedError(
@@ -413,6 +421,7 @@ class PSMI:
         return max(1, backend_threads())
 
     def _direction_source(self, params: Params, n_features: int) -> DirectionSource:
+        seed = seed_sequence(self.random_state)
         if isinstance(params.directions, np.ndarray):
             if params.directions.shape[1] != n_features:
                 raise ValueError(
@@ -422,7 +431,7 @@ class PSMI:
             return DirectionSource(
                 n_features, params.block_size, "given", given=params.directions
             )
-        self.random_state_ = seed_sequence(self.random_state)
+        self.random_state_ = seed
         return DirectionSource(
             n_features, params.block_size, params.directions, self.random_state_
         )
@@ -569,14 +578,17 @@ class PSMI:
                     "stopped at the cap of %d directions: variation %s > %.4g",
                     directions.shape[0], shown, rule.max_variation,
                 )
-                warnings.warn(
+                advice = (
+                    " or use directions='orthogonal'"
+                    if isinstance(params.directions, str) and params.directions == "iid"
+                    else ""
+                )
+                self._convergence_warning = (
                     f"The stopping rule was not met within max_n_estimators="
                     f"{params.max_n_estimators} directions: the last variation of "
                     f"the lowest PSMI was {shown}, above max_variation_of_the_lowest="
                     f"{rule.max_variation}. Increase max_n_estimators or "
-                    "max_variation_of_the_lowest, or use directions='orthogonal'.",
-                    ConvergenceWarning,
-                    stacklevel=4,
+                    f"max_variation_of_the_lowest{advice}."
                 )
         else:
             logger.info("fitted %d directions in %d blocks", directions.shape[0], len(fits))
@@ -653,6 +665,7 @@ _FITTED = (
     "random_state_",
     "_offset_",
     "_block_fits_",
+    "_convergence_warning",
 )
 
 

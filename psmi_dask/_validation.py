@@ -194,6 +194,10 @@ def check_features(X: Any, n_features: int | None = None) -> np.ndarray | da.Arr
         raise TypeError(f"X must hold real numbers, got dtype {features.dtype}.")
     if features.shape[1] == 0:
         raise ValueError("X must have at least one feature, got 0 columns.")
+    if features.shape[0] < 2:
+        raise ValueError(
+            f"X must have at least 2 samples, got {features.shape[0]} samples."
+        )
     if n_features is not None and features.shape[1] != n_features:
         raise ValueError(
             f"X has {features.shape[1]} features, but PSMI was fitted with "
@@ -239,6 +243,12 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
             )
         y = y.compute()
     labels = np.asarray(y)
+    if labels.dtype.kind in "US" and isinstance(y, (list, tuple)):
+        if not all(isinstance(label, str) for label in y):
+            raise TypeError(
+                "y mixes labels of types that cannot be compared, e.g. numbers "
+                "and strings; give every label the same type."
+            )
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
@@ -253,6 +263,10 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
             f"y must not contain NaN, got {int(np.isnan(labels).sum())} NaN labels."
         )
     return labels
+
+
+def _shown(label: Any) -> str:
+    return repr(label.item() if isinstance(label, np.generic) else label)
 
 
 def _unique(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +286,7 @@ def encode_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     small = np.flatnonzero(counts < 2)
     if small.size:
         listed = ", ".join(
-            f"{classes[i]!r} ({counts[i]} sample)" for i in small[:_MAX_LISTED]
+            f"{_shown(classes[i])} ({counts[i]} sample)" for i in small[:_MAX_LISTED]
         )
         raise ValueError(
             "Every class needs at least 2 samples to fit its Gaussian, but "
@@ -294,7 +308,7 @@ def encode_known_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
         position = np.zeros(values.shape[0], dtype=np.intp)
     if not np.all(known):
         unseen = values[~known]
-        listed = ", ".join(repr(v) for v in unseen[:_MAX_LISTED])
+        listed = ", ".join(_shown(v) for v in unseen[:_MAX_LISTED])
         more = (
             f" and {unseen.size - _MAX_LISTED} more"
             if unseen.size > _MAX_LISTED
@@ -302,6 +316,7 @@ def encode_known_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
         )
         raise ValueError(
             f"y holds {unseen.size} label{'s' if unseen.size > 1 else ''} that fit "
-            f"never saw: {listed}{more}. Fitted classes: {list(classes)}."
+            f"never saw: {listed}{more}. Fitted classes: "
+            f"{[_shown(c) for c in classes[:_MAX_LISTED]]}."
         )
     return position[inverse.ravel()].astype(np.intp)
