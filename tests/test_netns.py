@@ -110,6 +110,13 @@ def local_outputs(X, y):
     # TODO(#3): OpenBLAS gives projections that differ in the last bits with
     # the number of BLAS threads, and dask's nanny runs workers with one; so
     # the reference does too, until the estimator pins BLAS in its tasks.
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:
+        client = None
+    assert client is None, f"the local reference would run on {client}"
     with threadpool_limits(limits=1, user_api="blas"):
         return fit_outputs(X, y)
 
