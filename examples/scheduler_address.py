@@ -45,10 +45,11 @@ def main() -> None:
         print(f"connected to {args.address}: {len(workers)} workers")
         rng = np.random.default_rng(0)
         y = rng.integers(0, 5, size=20_000)
-        X = rng.standard_normal((20_000, 128)) + 0.2 * y[:, None]
+        centres = rng.standard_normal((5, 128))
+        X = rng.standard_normal((20_000, 128)) + centres[y]
 
         start = time.perf_counter()
-        estimator = PSMI(random_state=0)
+        estimator = PSMI(max_n_estimators=10_000, random_state=0)
         psmi_mean, _, _ = estimator.fit_transform(X, y)
         seconds = time.perf_counter() - start
 
