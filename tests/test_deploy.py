@@ -352,6 +352,55 @@ def test_jobqueue_print_job_script(capsys, jobqueue_recipe, monkeypatch):
     assert out.startswith("#!") and "distributed.cli.dask_worker" in out
 
 
+class _LocalJobs:
+    """A LocalCluster that takes jobs like a JobQueueCluster, for main()."""
+
+    def __init__(self):
+        from distributed import LocalCluster
+
+        self._cluster = LocalCluster(
+            n_workers=0, threads_per_worker=1, processes=False, dashboard_address=None
+        )
+        self.scheduler_address = self._cluster.scheduler_address
+        self.jobs = None
+
+    def scale(self, jobs):
+        self.jobs = jobs
+        self._cluster.scale(jobs)
+
+    def __getattr__(self, name):
+        return getattr(self._cluster, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._cluster.close()
+
+
+def test_jobqueue_main_scales_then_runs_the_cli(jobqueue_recipe, monkeypatch):
+    cluster = _LocalJobs()
+    calls = []
+    monkeypatch.setattr(jobqueue_recipe, "make_cluster", lambda *a, **k: cluster)
+    monkeypatch.setattr(
+        jobqueue_recipe.subprocess,
+        "call",
+        lambda command, env: calls.append((command, env)) or 0,
+    )
+    argv = ["f.zarr", "y.npy", "-o", "o.zarr", "--jobs", "2", "--", "--seed", "1"]
+    assert jobqueue_recipe.main(argv) == 0
+
+    assert cluster.jobs == 2
+    ((command, env),) = calls
+    assert Path(command[0]).name == "psmi-dask"
+    assert command[1:] == [
+        *("run", "f.zarr", "y.npy", "-o", "o.zarr"),
+        *("--scheduler", cluster.scheduler_address, "--seed", "1"),
+    ]
+    check_argv(["psmi-dask", *command[1:]])
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
+
+
 def _with_scheduler_options(make_cluster, options):
     def patched(*args, **kwargs):
         return make_cluster(*args, **{**kwargs, "scheduler_options": options})

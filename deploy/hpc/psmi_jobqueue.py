@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,12 @@ def make_cluster(
         python=python,
         scheduler_options=scheduler_options or {},
     )
+
+
+def psmi_dask_script() -> str:
+    """The psmi-dask console script of this Python, even if not on PATH."""
+    beside = shutil.which("psmi-dask", path=str(Path(sys.executable).parent))
+    return beside or "psmi-dask"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             # leave the queue, and the fit uses them from then on.
             client.wait_for_workers(1, timeout=args.wait)
             command = [
-                "psmi-dask",
+                psmi_dask_script(),
                 "run",
                 args.features,
                 args.labels,
