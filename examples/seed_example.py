@@ -19,9 +19,7 @@ psmi_estimator = PSMI()
 psmi_mean, psmi_std, psmi_full = psmi_estimator.fit_transform(features, labels)
 print(f"psmi_mean: {psmi_mean.shape}")  # Should be (100,)
 print(f"psmi_std: {psmi_std.shape}")  # Should be (100,)
-print(
-    f"psmi_full: {psmi_full.shape}"
-)  # Should be (100,<psmi_estimator.n_estimators>)
+print(f"psmi_full: {psmi_full.shape}")  # Should be (100,<psmi_estimator.n_estimators>)
 print(f"Num of estimator: {psmi_estimator.n_estimators}")
 
 # You can separate the fit and transform

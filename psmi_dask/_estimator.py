@@ -467,6 +467,7 @@ class PSMI:
         keep_columns = with_scores and not is_dask
         cache = n_samples * params.block_size * 8 * in_flight <= _PROJECTION_CACHE_BYTES
         offset = _reference_sample(features)
+
         def fit_on(backend: Any) -> Any:
             data = place(backend, features, codes, rows, offset)
             accumulator = (
@@ -475,8 +476,16 @@ class PSMI:
                 else None
             )
             fits, history = self._run_fit(
-                backend, data, source, sizes, classes.shape[0], params, accumulator,
-                rule, cache, features,
+                backend,
+                data,
+                source,
+                sizes,
+                classes.shape[0],
+                params,
+                accumulator,
+                rule,
+                cache,
+                features,
             )
             self._set_fitted(fits, history, classes, codes, offset, rule, params)
             if accumulator is None:
@@ -521,7 +530,9 @@ class PSMI:
                 _check_block_finite(fit, features)
             fits.append(fit)
             variation = accumulator.add(scores) if accumulator is not None else None
-            record = BlockRecord(block, sum(sizes[: block + 1]), variation, now() - started)
+            record = BlockRecord(
+                block, sum(sizes[: block + 1]), variation, now() - started
+            )
             history.append(record)
             log_block(record, rule.max_variation if rule else None)
             if bar is not None:
@@ -570,13 +581,18 @@ class PSMI:
             if self.converged_:
                 logger.info(
                     "stopped after %d blocks (%d directions): variation %.4g <= %.4g",
-                    len(fits), directions.shape[0], last, rule.max_variation,
+                    len(fits),
+                    directions.shape[0],
+                    last,
+                    rule.max_variation,
                 )
             else:
                 shown = "never tested" if last is None else f"{last:.4g}"
                 logger.info(
                     "stopped at the cap of %d directions: variation %s > %.4g",
-                    directions.shape[0], shown, rule.max_variation,
+                    directions.shape[0],
+                    shown,
+                    rule.max_variation,
                 )
                 advice = (
                     " or use directions='orthogonal'"
@@ -591,7 +607,9 @@ class PSMI:
                     f"max_variation_of_the_lowest{advice}."
                 )
         else:
-            logger.info("fitted %d directions in %d blocks", directions.shape[0], len(fits))
+            logger.info(
+                "fitted %d directions in %d blocks", directions.shape[0], len(fits)
+            )
         self.n_estimators_ = directions.shape[0]
 
     def _outputs(
@@ -698,7 +716,7 @@ def _pmi_columns(
     params: GaussianParams,
 ) -> np.ndarray:
     _, columns = score(project(chunk, offset, directions), codes[:, 0], params, True)
-    return columns
+    return columns  # type: ignore[return-value]
 
 
 def _progress_bar(params: Params, sizes: list[int], rule: StoppingRule | None) -> Any:
@@ -711,4 +729,3 @@ def _progress_bar(params: Params, sizes: list[int], rule: StoppingRule | None) -
         unit="direction",
         desc="PSMI (auto)" if rule is not None else "PSMI",
     )
-

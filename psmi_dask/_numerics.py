@@ -13,6 +13,7 @@ handled in log space, with the denominator as a log-sum-exp over classes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -107,13 +108,13 @@ def class_moments(
 
 
 def _merge(
-    count_a: np.ndarray,
+    count_a: Any,
     mean_a: np.ndarray,
     m2_a: np.ndarray,
-    count_b: np.ndarray,
+    count_b: Any,
     mean_b: np.ndarray,
     m2_b: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[Any, np.ndarray, np.ndarray]:
     count = count_a + count_b
     safe = np.where(count > 0, count, 1.0)
     delta = mean_b - mean_a

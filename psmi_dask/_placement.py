@@ -167,7 +167,9 @@ def _bounds(n_samples: int, rows: int) -> tuple[list[int], list[int]]:
 
 
 def _worker_memory(client: Any) -> float:
-    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    limits = [
+        w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()
+    ]
     return float(sum(limits)) or float("inf")
 
 

@@ -157,7 +157,7 @@ def _boolean(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def check_features(X: Any, n_features: int | None = None) -> np.ndarray | da.Array:
+def check_features(X: Any, n_features: int | None = None) -> Any:
     """Check X: 2-D, numeric, known chunk sizes; numpy or dask.
 
     Returns a numpy array or a dask array; neither is copied or cast here.
@@ -173,7 +173,7 @@ def check_features(X: Any, n_features: int | None = None) -> np.ndarray | da.Arr
                 "X has unknown chunk sizes (for example after boolean "
                 "indexing); call X.compute_chunk_sizes() before passing it."
             )
-        features = X
+        features: Any = X
     else:
         features = np.asarray(X)
         if features.dtype == object:
@@ -212,7 +212,7 @@ def raise_if_not_finite(X: np.ndarray | da.Array) -> None:
     """Raise a ValueError counting the non-finite values of X, if any."""
     if np.issubdtype(X.dtype, np.integer) or X.dtype == np.bool_:
         return
-    bad = ~np.isfinite(X)
+    bad: Any = ~np.isfinite(X)
     if isinstance(X, da.Array):
         rows = bad.any(axis=1).compute()
         if not rows.any():

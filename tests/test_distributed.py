@@ -62,9 +62,12 @@ def test_utils_test_client_gives_the_threaded_bits(client, reference):  # noqa: 
 @pytest.mark.parametrize("n_workers, threads", [(1, 1), (2, 1), (1, 2)])
 def test_local_clusters_give_the_threaded_bits(reference, n_workers, threads):
     X, y, expected = reference
-    with LocalCluster(
-        n_workers=n_workers, threads_per_worker=threads, dashboard_address=None
-    ) as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=n_workers, threads_per_worker=threads, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         est = PSMI(**KWARGS, max_n_estimators=1200)
         _assert_same(est.fit_transform(X, y), expected)
         _assert_same(est.transform(X, y), expected)
@@ -83,9 +86,12 @@ def _wait_no_tasks(c, timeout=10.0):
 
 def test_cancelled_blocks_leave_nothing_and_history_matches_logs(reference, caplog):
     X, y, expected = reference
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=None
-    ) as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         est = PSMI(**KWARGS, max_n_estimators=1200, max_blocks_in_flight=4)
         with caplog.at_level(logging.INFO, logger="psmi_dask"):
             _assert_same(est.fit_transform(X, y), expected)
@@ -142,7 +148,9 @@ def test_separate_processes_over_tcp_give_the_threaded_bits(reference, tcp_clust
     address, _, _ = tcp_cluster
     with Client(address, timeout=30) as c:
         c.wait_for_workers(2, timeout=60)
-        _assert_same(PSMI(**KWARGS, max_n_estimators=1200).fit_transform(X, y), expected)
+        _assert_same(
+            PSMI(**KWARGS, max_n_estimators=1200).fit_transform(X, y), expected
+        )
 
 
 def _fit_in_thread(est, X, y):
@@ -177,9 +185,12 @@ def test_a_worker_killed_mid_fit_changes_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         expected = PSMI(**kwargs).fit_transform(X, y)
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=None
-    ) as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         thread, out = _fit_in_thread(PSMI(**kwargs), X, y)
         _wait_for_blocks(c)
         victim = list(c.scheduler_info()["workers"])[0]
@@ -212,7 +223,9 @@ def test_a_scheduler_that_goes_away_gives_a_clear_error(tcp_cluster, reference):
         _assert_same(est.fit_transform(X, y), expected)
 
 
-def test_c16_fitted_estimator_pickles_and_transforms_without_cluster(tmp_path, reference):
+def test_c16_fitted_estimator_pickles_and_transforms_without_cluster(
+    tmp_path, reference
+):
     X, y, _ = reference
     with LocalCluster(n_workers=2, dashboard_address=None) as cluster, Client(cluster):
         est = PSMI(n_estimators=120, **KWARGS).fit(X, y)
@@ -302,13 +315,16 @@ def test_c20_features_travel_once_without_large_graph_warnings():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(100_000, 256))  # 205 MB
     y = rng.integers(2, size=100_000)
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=None
-    ) as cluster, Client(cluster):
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             warnings.simplefilter("ignore", ConvergenceWarning)
-            est = PSMI(
-                min_n_estimators=20, max_n_estimators=60, random_state=0
-            ).fit(X, y)
+            est = PSMI(min_n_estimators=20, max_n_estimators=60, random_state=0).fit(
+                X, y
+            )
     assert est.n_blocks_ >= 2

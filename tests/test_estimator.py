@@ -46,7 +46,9 @@ def test_fixed_mode_equals_psmi_on_shared_directions(n_estimators, block):
         assert_allclose(est.std_per_label[c], reference.std_per_label[c], rtol=RTOL)
         assert est.frequency_per_label[c] == reference.frequency_per_label[c]
     X_new, y_new = _mixture(1, n=50)
-    for ours, theirs in zip(est.transform(X_new, y_new), reference.transform(X_new, y_new)):
+    for ours, theirs in zip(
+        est.transform(X_new, y_new), reference.transform(X_new, y_new)
+    ):
         assert_allclose(ours, theirs, rtol=RTOL, atol=ATOL)
 
 
@@ -158,7 +160,9 @@ def test_orthogonal_frames_are_orthonormal():
     est = PSMI(n_estimators=40, min_n_estimators=40, random_state=0).fit(X, y)
     frame = est.directions_[:16]
     assert_allclose(frame @ frame.T, np.eye(16), atol=1e-12)
-    assert_allclose(est.directions_[16:32] @ est.directions_[16:32].T, np.eye(16), atol=1e-12)
+    assert_allclose(
+        est.directions_[16:32] @ est.directions_[16:32].T, np.eye(16), atol=1e-12
+    )
 
 
 def test_orthogonal_directions_have_lower_error_than_iid():
@@ -168,8 +172,9 @@ def test_orthogonal_directions_have_lower_error_than_iid():
     errors = {}
     for kind in ("iid", "orthogonal"):
         runs = [
-            PSMI(n_estimators=96, min_n_estimators=96, directions=kind, random_state=s)
-            .fit_transform(X, y)[0]
+            PSMI(
+                n_estimators=96, min_n_estimators=96, directions=kind, random_state=s
+            ).fit_transform(X, y)[0]
             for s in range(1, 6)
         ]
         errors[kind] = np.sqrt(np.mean([(r - exact) ** 2 for r in runs]))

@@ -87,7 +87,9 @@ def test_merged_moments_equal_numpy_two_pass():
     rng = np.random.default_rng(6)
     T = rng.normal(loc=1e4, size=(1000, 7))
     codes = rng.integers(3, size=1000)
-    parts = [class_moments(T[a:b], codes[a:b], 3) for a, b in [(0, 5), (5, 610), (610, 1000)]]
+    parts = [
+        class_moments(T[a:b], codes[a:b], 3) for a, b in [(0, 5), (5, 610), (610, 1000)]
+    ]
     merged = merge_class_moments(merge_class_moments(parts[0], parts[1]), parts[2])
     for c in range(3):
         assert merged.counts[c] == np.sum(codes == c)

@@ -1,0 +1,98 @@
+"""Auto mode: psmi 0.2.0 against psmi_dask on a two-worker LocalCluster.
+
+    python tests/benchmarks/bench_auto.py [--skip-psmi-large]
+
+On scikit-learn's digits and on a 10-class Gaussian mixture of 10,000 x 512,
+in one run: wall time and directions used by psmi 0.2.0's auto mode and by
+psmi_dask's (orthogonal directions, on a LocalCluster of two single-thread
+workers), and the ratios. Then a fixed-mode fit of 2,000 directions on the
+mixture, on one worker against two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+from distributed import Client, LocalCluster
+
+from psmi_dask import PSMI, ConvergenceWarning
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.data.astype(np.float64), data.target
+
+
+def mixture() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(10, size=10_000)
+    centres = rng.normal(size=(10, 512)) * 0.35
+    return rng.normal(size=(10_000, 512)) + centres[y], y
+
+
+def run_psmi(X: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    import psmi
+
+    np.random.seed(0)
+    est = psmi.PSMI()
+    start = time.perf_counter()
+    est.fit_transform(X, y)
+    return time.perf_counter() - start, est.n_estimators
+
+
+def run_ours(X: np.ndarray, y: np.ndarray, **kwargs) -> tuple[float, int, object]:
+    est = PSMI(random_state=0, **kwargs)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit_transform(X, y)
+    return time.perf_counter() - start, est.n_estimators_, est.converged_
+
+
+def cluster(n_workers: int) -> tuple[LocalCluster, Client]:
+    c = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=None)
+    return c, Client(c)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-psmi-large", action="store_true")
+    args = parser.parse_args()
+    datasets = {"digits": digits(), "mixture 10000x512": mixture()}
+    print(
+        f"{'data':>18} {'psmi s':>8} {'psmi dirs':>9} {'ours s':>8} "
+        f"{'ours dirs':>9} {'met':>5} {'time ratio':>10} {'dirs ratio':>10}"
+    )
+    for name, (X, y) in datasets.items():
+        if name != "digits" and args.skip_psmi_large:
+            psmi_s, psmi_n = float("nan"), 0
+        else:
+            psmi_s, psmi_n = run_psmi(X, y)
+        lc, client = cluster(2)
+        with lc, client:
+            run_ours(X[:200], y[:200], n_estimators=500)  # warm the workers
+            ours_s, ours_n, met = run_ours(X, y)
+        print(
+            f"{name:>18} {psmi_s:>8.2f} {psmi_n:>9} {ours_s:>8.2f} {ours_n:>9} "
+            f"{str(met):>5} {psmi_s / ours_s:>9.1f}x {ours_n / max(psmi_n, 1):>10.2f}"
+        )
+    X, y = datasets["mixture 10000x512"]
+    seconds = {}
+    for n_workers in (1, 2):
+        lc, client = cluster(n_workers)
+        with lc, client:
+            run_ours(X[:200], y[:200], n_estimators=500)
+            seconds[n_workers] = run_ours(X, y, n_estimators=2000)[0]
+    print(
+        f"fixed mode, 2000 directions: 1 worker {seconds[1]:.2f} s, 2 workers "
+        f"{seconds[2]:.2f} s, speed-up {seconds[1] / seconds[2]:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
