@@ -191,32 +191,53 @@ def score(
     """
     n_samples, n_directions = projections.shape
     n_classes = params.means.shape[0]
-    means = params.means[:, None, :]
-    scales = (np.sqrt(0.5) / params.stds)[:, None, :]
-    log_coef = (params.log_prior[:, None] - np.log(params.stds))[:, None, :]
-
     columns = np.empty((n_samples, n_directions)) if keep_columns else None
     mean = np.empty(n_samples)
     m2 = np.empty(n_samples)
     step = _tile_rows(n_classes, n_directions)
+    # Non-finite input gives NaN here; the caller reports it, with where.
+    with np.errstate(invalid="ignore"):
+        _score_tiles(projections, codes, params, step, mean, m2, columns)
+    return SampleMoments(n_directions, mean, m2), columns
+
+
+def _score_tiles(
+    projections: np.ndarray,
+    codes: np.ndarray,
+    params: GaussianParams,
+    step: int,
+    mean: np.ndarray,
+    m2: np.ndarray,
+    columns: np.ndarray | None,
+) -> None:
+    n_samples, n_directions = projections.shape
+    n_classes = params.means.shape[0]
+    means = params.means[:, None, :]
+    scales = (np.sqrt(0.5) / params.stds)[:, None, :]
+    log_coef = (params.log_prior[:, None] - np.log(params.stds))[:, None, :]
+    # Buffers reused across tiles: a fresh 1 MiB array per tile costs page
+    # faults comparable to the arithmetic.
+    z_buffer = np.empty((n_classes, step, n_directions))
+    peak_buffer = np.empty((step, n_directions))
     for start in range(0, n_samples, step):
         stop = min(start + step, n_samples)
         tile_codes = codes[start:stop]
         rows = np.arange(stop - start)
+        z = z_buffer[:, : stop - start]
+        peak = peak_buffer[: stop - start]
         # z[c] = log pi_c + log N(t; mu_c, sigma_c) + log sqrt(2 pi)
-        z = projections[None, start:stop, :] - means
+        np.subtract(projections[None, start:stop, :], means, out=z)
         z *= scales
         np.square(z, out=z)
         np.subtract(log_coef, z, out=z)
-        peak = z.max(axis=0)
+        np.max(z, axis=0, out=peak)
         z -= peak
         own = z[tile_codes, rows]
         np.exp(z, out=z)
-        pmi = own - np.log(z.sum(axis=0))
+        pmi = own - np.log(np.sum(z, axis=0, out=peak))
         pmi -= params.log_prior[tile_codes][:, None]
         tile_mean = pmi.mean(axis=1)
         mean[start:stop] = tile_mean
         m2[start:stop] = np.square(pmi - tile_mean[:, None]).sum(axis=1)
         if columns is not None:
             columns[start:stop] = pmi
-    return SampleMoments(n_directions, mean, m2), columns
