@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from dask import delayed
 
+from psmi_dask._blas import single_threaded_blas
 from psmi_dask._directions import DirectionSource
 from psmi_dask._numerics import (
     ClassMoments,
@@ -78,6 +79,13 @@ def tree_reduce(items: list[Any], merge: Callable[[Any, Any], Any]) -> Any:
     return level[0]
 
 
+def _project(
+    chunk: np.ndarray, offset: np.ndarray, directions: np.ndarray
+) -> np.ndarray:
+    with single_threaded_blas():
+        return project(chunk, offset, directions)
+
+
 def _chunk_moments(
     chunk: np.ndarray,
     codes: np.ndarray,
@@ -85,7 +93,7 @@ def _chunk_moments(
     directions: np.ndarray,
     n_classes: int,
 ) -> ClassMoments:
-    return class_moments(project(chunk, offset, directions), codes, n_classes)
+    return class_moments(_project(chunk, offset, directions), codes, n_classes)
 
 
 def _chunk_score(
@@ -96,7 +104,7 @@ def _chunk_score(
     params: GaussianParams,
     keep_columns: bool,
 ) -> tuple[SampleMoments, np.ndarray | None]:
-    return score(project(chunk, offset, directions), codes, params, keep_columns)
+    return score(_project(chunk, offset, directions), codes, params, keep_columns)
 
 
 def _finish_fit(
@@ -159,7 +167,7 @@ def fit_block(
     pure = delayed(pure=True)
     if with_scores and cache_projections:
         projections = [
-            pure(project)(chunk, data.offset, directions) for chunk in data.features
+            pure(_project)(chunk, data.offset, directions) for chunk in data.features
         ]
         moments = [
             pure(class_moments)(t, codes, n_classes)

@@ -20,7 +20,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import dask
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from psmi_dask._numerics import SampleMoments, merge_sample_moments
 from psmi_dask._stopping import (
@@ -71,14 +70,7 @@ def _compute_pool() -> ThreadPoolExecutor:
 
 
 class LocalBackend:
-    """Blocks on Dask's threaded scheduler, in this process.
-
-    Chunks already run in parallel on every core, so BLAS is held to one
-    thread while the backend is open: several multi-threaded BLAS calls at
-    once on the same cores were measured slower than single-threaded ones
-    (tests/benchmarks/bench_vs_psmi.py). The limit is process-wide and is
-    lifted by ``close``.
-    """
+    """Blocks on Dask's threaded scheduler, in this process."""
 
     def __init__(self, max_in_flight: int) -> None:
         pool = _compute_pool()
@@ -87,7 +79,6 @@ class LocalBackend:
         self._blocks = ThreadPoolExecutor(
             max_workers=max_in_flight, thread_name_prefix="psmi-dask-block"
         )
-        self._blas = threadpool_limits(limits=1, user_api="blas")
 
     def _compute(self, graphs: Sequence[Any]) -> tuple[Any, ...]:
         return dask.compute(*graphs, scheduler="threads", pool=self._pool)
@@ -111,7 +102,6 @@ class LocalBackend:
         # Blocks already running finish (at most max_in_flight - 1 of them);
         # the threaded scheduler cannot interrupt a task.
         self._blocks.shutdown(wait=True, cancel_futures=True)
-        self._blas.restore_original_limits()
 
 
 def _add_scores(

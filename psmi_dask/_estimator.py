@@ -12,6 +12,7 @@ import dask.array as da
 from dask import delayed
 import numpy as np
 
+from psmi_dask._blas import single_threaded_blas
 from psmi_dask._blocks import (
     BlockFit,
     ChunkedData,
@@ -715,7 +716,9 @@ def _pmi_columns(
     directions: np.ndarray,
     params: GaussianParams,
 ) -> np.ndarray:
-    _, columns = score(project(chunk, offset, directions), codes[:, 0], params, True)
+    with single_threaded_blas():
+        projections = project(chunk, offset, directions)
+    _, columns = score(projections, codes[:, 0], params, True)
     return columns  # type: ignore[return-value]
 
 

@@ -188,3 +188,19 @@ def test_refit_and_set_params():
     est.set_params(n_estimators=75)
     est.fit(X[:, :5], y)
     assert est.n_estimators_ == 75 and est.n_features_in_ == 5
+
+
+def test_lazy_psmi_full_equals_the_fitted_columns_whatever_the_blas_threads():
+    # OpenBLAS's last bits depend on its thread count, which differs between
+    # the caller's thread, Dask's pool threads and a worker: every
+    # projection runs with one BLAS thread, so these all agree.
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, size=2000)
+    X = rng.normal(size=(2000, 16)) + 0.4 * y[:, None]
+    est = PSMI(n_estimators=100, min_n_estimators=100, random_state=0, chunk_size=500)
+    full = est.fit_transform(X, y)[2]
+    lazy = est.fit_transform(da.from_array(X), y)[2]
+    assert_array_equal(lazy.compute(), full)
+    assert_array_equal(lazy.compute(scheduler="sync"), full)
+    with dask.config.set(scheduler="sync"):
+        assert_array_equal(est.transform(X, y)[2], full)

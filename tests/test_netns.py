@@ -23,7 +23,6 @@ import dask
 import numpy as np
 import pytest
 from _netns import DaskHosts, NetnsHosts, recipe_path_env, unavailable_reason
-from threadpoolctl import threadpool_limits
 
 from psmi_dask import PSMI
 from psmi_dask.io import open_features
@@ -107,9 +106,6 @@ def fit_outputs(X, y):
 
 def local_outputs(X, y):
     """The reference: no client, Dask's threaded scheduler, this process."""
-    # TODO(#3): OpenBLAS gives projections that differ in the last bits with
-    # the number of BLAS threads, and dask's nanny runs workers with one; so
-    # the reference does too, until the estimator pins BLAS in its tasks.
     from distributed import get_client
 
     try:
@@ -117,8 +113,7 @@ def local_outputs(X, y):
     except ValueError:
         client = None
     assert client is None, f"the local reference would run on {client}"
-    with threadpool_limits(limits=1, user_api="blas"):
-        return fit_outputs(X, y)
+    return fit_outputs(X, y)
 
 
 def _connect(cluster):
