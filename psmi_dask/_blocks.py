@@ -9,6 +9,7 @@ gives the same bits wherever and whenever it runs.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -28,7 +29,15 @@ from psmi_dask._numerics import (
     score,
 )
 
-__all__ = ["BlockFit", "ChunkedData", "fit_block", "score_block", "tree_reduce"]
+__all__ = [
+    "BlockFit",
+    "ChunkedData",
+    "ColumnSink",
+    "Columns",
+    "fit_block",
+    "score_block",
+    "tree_reduce",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,49 @@ class ChunkedData:
     @property
     def n_chunks(self) -> int:
         return len(self.sizes)
+
+
+class ColumnSink:
+    """psmi_full, preallocated, that chunks write their columns into.
+
+    Only for blocks that run in this process (the threaded scheduler): it
+    spares a copy of every column, and the memory of holding them twice.
+    """
+
+    def __init__(self, n_samples: int, n_directions: int) -> None:
+        self.array = np.empty((n_samples, n_directions))
+        self._token = uuid.uuid4().hex
+
+    def __dask_tokenize__(self) -> str:
+        return self._token
+
+    def view(self, start: int, stop: int, column: int, width: int) -> np.ndarray:
+        return self.array[start:stop, column : column + width]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """What a block does with its pmi columns: drop, return or write them."""
+
+    keep: bool = False
+    sink: ColumnSink | None = None
+    first: int = 0  # index of the block's first direction in psmi_full
+
+    def out(self, start: int, size: int, width: int) -> np.ndarray | None:
+        if self.sink is None:
+            return None
+        return self.sink.view(start, start + size, self.first, width)
+
+
+def _score_chunk(
+    projections: np.ndarray,
+    codes: np.ndarray,
+    params: GaussianParams,
+    columns: Columns,
+    start: int,
+) -> tuple[SampleMoments, np.ndarray | None]:
+    out = columns.out(start, projections.shape[0], projections.shape[1])
+    return score(projections, codes, params, columns.keep, out)
 
 
 @dataclass(frozen=True)
@@ -102,9 +154,11 @@ def _chunk_score(
     offset: np.ndarray,
     directions: np.ndarray,
     params: GaussianParams,
-    keep_columns: bool,
+    columns: Columns,
+    start: int,
 ) -> tuple[SampleMoments, np.ndarray | None]:
-    return score(_project(chunk, offset, directions), codes, params, keep_columns)
+    projections = _project(chunk, offset, directions)
+    return _score_chunk(projections, codes, params, columns, start)
 
 
 def _finish_fit(
@@ -149,7 +203,7 @@ def fit_block(
     n_classes: int,
     var_floor: float,
     with_scores: bool,
-    keep_columns: bool,
+    columns: Columns,
     cache_projections: bool,
 ) -> tuple[Any, list[Any]]:
     """The graph of one block: its fit and, if asked, its scores per chunk.
@@ -185,20 +239,22 @@ def fit_block(
     params = pure(_params)(fit)
     if cache_projections:
         scores = [
-            pure(score)(t, codes, params, keep_columns)
-            for t, codes in zip(projections, data.codes)
+            pure(_score_chunk)(t, codes, params, columns, start)
+            for t, codes, start in zip(projections, data.codes, data.starts)
         ]
     else:
-        scores = score_block(data, directions, params, keep_columns)
+        scores = score_block(data, directions, params, columns)
     return fit, scores
 
 
 def score_block(
-    data: ChunkedData, directions: Any, params: Any, keep_columns: bool
+    data: ChunkedData, directions: Any, params: Any, columns: Columns
 ) -> list[Any]:
     """The graph that scores every chunk along a fitted block."""
     pure = delayed(pure=True)
     return [
-        pure(_chunk_score)(chunk, codes, data.offset, directions, params, keep_columns)
-        for chunk, codes in zip(data.features, data.codes)
+        pure(_chunk_score)(
+            chunk, codes, data.offset, directions, params, columns, start
+        )
+        for chunk, codes, start in zip(data.features, data.codes, data.starts)
     ]

@@ -81,7 +81,9 @@ class LocalBackend:
         )
 
     def _compute(self, graphs: Sequence[Any]) -> tuple[Any, ...]:
-        return dask.compute(*graphs, scheduler="threads", pool=self._pool)
+        # An Executor as the scheduler runs the graph on its threads, and
+        # spares the import of distributed that scheduler="threads" costs.
+        return dask.compute(*graphs, scheduler=self._pool)
 
     def submit(self, graphs: Sequence[Any]) -> Future:
         return self._blocks.submit(self._compute, graphs)

@@ -16,12 +16,15 @@ from psmi_dask._blas import single_threaded_blas
 from psmi_dask._blocks import (
     BlockFit,
     ChunkedData,
+    Columns,
+    ColumnSink,
     block_directions,
     fit_block,
     score_block,
 )
 from psmi_dask._controller import (
     BlockRecord,
+    LocalBackend,
     SampleAccumulator,
     log_block,
     now,
@@ -52,16 +55,22 @@ _PROJECTION_CACHE_BYTES = 512 * 2**20
 
 # Target size of one chunk's projections (rows x max(features, block) x 8).
 _CHUNK_BYTES = 16 * 2**20
+_MIN_CHUNKS = 16
 
 
-def chunk_rows(n_features: int, block_size: int) -> int:
+def chunk_rows(n_samples: int, n_features: int, block_size: int) -> int:
     """Rows per chunk, from the shape alone: a power of two in [256, 65536].
 
-    The chunking is a function of the parameters and the number of
-    features only, never of the input's own chunks, so results are
-    identical bit for bit however X arrives.
+    Small enough that one chunk's projections take at most 16 MiB, and that
+    there are about 16 chunks or more to share between cores (measured on
+    2 cores: 3 chunks of 4,096 rows left a core idle a third of the time).
+    The chunking is a function of the shape and the parameters only, never
+    of the input's own chunks, so results are identical bit for bit however
+    X arrives.
     """
-    rows = _CHUNK_BYTES // (8 * max(n_features, block_size))
+    by_memory = _CHUNK_BYTES // (8 * max(n_features, block_size))
+    by_count = -(-n_samples // _MIN_CHUNKS)
+    rows = min(by_memory, 2 ** math.ceil(math.log2(max(by_count, 1))))
     return int(min(65536, max(256, 2 ** int(math.log2(max(rows, 1))))))
 
 
@@ -132,9 +141,9 @@ class PSMI:
         constant features, gets the floor instead of a zero that would turn
         every density into NaN. Classes above the floor are untouched.
     chunk_size : int or "auto", default="auto"
-        Samples per chunk. "auto" chooses a power of two from the number of
-        features and the block size, so that one chunk's projections take
-        about 16 MiB. X is rechunked to this along samples, so the result
+        Samples per chunk. "auto" chooses a power of two from the shape of X
+        and the block size, so that one chunk's projections take at most
+        16 MiB and there are about 16 chunks or more. X is rechunked to this along samples, so the result
         does not depend on the input's own chunks.
     max_blocks_in_flight : int or "auto", default="auto"
         Blocks computed at once; "auto" is one per worker thread. Blocks
@@ -345,27 +354,36 @@ class PSMI:
         codes = encode_known_labels(labels, self.classes_)
         params = check_params(self)
         is_dask = isinstance(features, da.Array)
-        rows = params.chunk_size or chunk_rows(self.n_features_in_, params.block_size)
+        rows = params.chunk_size or chunk_rows(
+            features.shape[0], self.n_features_in_, params.block_size
+        )
         in_flight = self._in_flight(params)
+
+        firsts = np.cumsum([0] + [f.directions.shape[0] for f in self._block_fits_])
 
         def transform_on(backend: Any) -> tuple[Any, Any, Any]:
             data = place(backend, features, codes, rows, self._offset_)
+            sink = _sink(backend, not is_dask, data.n_samples, self.n_estimators_)
+            keep = not is_dask and sink is None
             accumulator = SampleAccumulator(
-                backend, data.starts, None, not is_dask, data.n_samples
+                backend, data.starts, None, keep, data.n_samples
             )
 
             def build(block: int) -> tuple[Any, list[Any]]:
                 fit = self._block_fits_[block]
                 directions = delayed(fit.directions, pure=True)
                 params = delayed(fit.params, pure=True)
-                return params, score_block(data, directions, params, not is_dask)
+                columns = Columns(keep, sink, int(firsts[block]))
+                return params, score_block(data, directions, params, columns)
 
             def consume(block: int, result: Any) -> bool:
                 accumulator.add(result[1])
                 return False
 
             run_blocks(backend, build, len(self._block_fits_), in_flight, consume)
-            return self._outputs(features, codes, data, accumulator, is_dask, rows)
+            return self._outputs(
+                features, codes, data, accumulator, is_dask, rows, sink
+            )
 
         return run_with_retries(transform_on, in_flight)
 
@@ -462,7 +480,7 @@ class PSMI:
             if auto
             else None
         )
-        rows = params.chunk_size or chunk_rows(n_features, params.block_size)
+        rows = params.chunk_size or chunk_rows(n_samples, n_features, params.block_size)
         in_flight = self._in_flight(params)
         with_scores = with_scores or auto
         keep_columns = with_scores and not is_dask
@@ -471,8 +489,11 @@ class PSMI:
 
         def fit_on(backend: Any) -> Any:
             data = place(backend, features, codes, rows, offset)
+            # In auto mode the number of columns is known only at the end.
+            sink = _sink(backend, keep_columns and not auto, n_samples, sum(sizes))
+            keep = keep_columns and sink is None
             accumulator = (
-                SampleAccumulator(backend, data.starts, rule, keep_columns, n_samples)
+                SampleAccumulator(backend, data.starts, rule, keep, n_samples)
                 if with_scores
                 else None
             )
@@ -487,11 +508,14 @@ class PSMI:
                 rule,
                 cache,
                 features,
+                sink,
             )
             self._set_fitted(fits, history, classes, codes, offset, rule, params)
             if accumulator is None:
                 return None
-            return self._outputs(features, codes, data, accumulator, is_dask, rows)
+            return self._outputs(
+                features, codes, data, accumulator, is_dask, rows, sink
+            )
 
         return run_with_retries(fit_on, in_flight)
 
@@ -507,6 +531,7 @@ class PSMI:
         rule: StoppingRule | None,
         cache: bool,
         features: Any,
+        sink: ColumnSink | None,
     ) -> tuple[list[BlockFit], list[BlockRecord]]:
         fits: list[BlockFit] = []
         history: list[BlockRecord] = []
@@ -521,7 +546,11 @@ class PSMI:
                 n_classes,
                 params.var_floor,
                 with_scores=accumulator is not None,
-                keep_columns=accumulator is not None and accumulator.keep_columns,
+                columns=Columns(
+                    accumulator is not None and accumulator.keep_columns,
+                    sink,
+                    sum(sizes[:block]),
+                ),
                 cache_projections=cache,
             )
 
@@ -621,11 +650,14 @@ class PSMI:
         accumulator: SampleAccumulator,
         is_dask: bool,
         rows: int,
+        sink: ColumnSink | None,
     ) -> tuple[Any, Any, Any]:
         moments = accumulator.moments()
         mean = np.concatenate([m.mean for m in moments])
         std = np.sqrt(np.concatenate([m.m2 for m in moments]) / moments[0].count)
         if not is_dask:
+            if sink is not None:
+                return mean, std, sink.array
             return mean, std, self._gather_columns(accumulator, data)
         if np.isnan(mean).any():
             raise_if_not_finite(features)
@@ -690,6 +722,15 @@ _FITTED = (
 
 def backend_threads() -> int:
     return current_threads()
+
+
+def _sink(
+    backend: Any, wanted: bool, n_samples: int, n_directions: int
+) -> ColumnSink | None:
+    """A preallocated psmi_full, when the blocks run in this process."""
+    if wanted and isinstance(backend, LocalBackend):
+        return ColumnSink(n_samples, n_directions)
+    return None
 
 
 def _reference_sample(features: Any) -> np.ndarray:

@@ -174,6 +174,7 @@ def score(
     codes: np.ndarray,
     params: GaussianParams,
     keep_columns: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[SampleMoments, np.ndarray | None]:
     """Pointwise MI of each sample along each direction of the block.
 
@@ -187,7 +188,8 @@ def score(
     moments : SampleMoments
         Per-sample mean and sum of squared deviations of pmi over the block.
     columns : ndarray of shape (n_samples, n_directions) or None
-        Every pmi value, when ``keep_columns``.
+        Every pmi value, when ``keep_columns``; None when they were written
+        to ``out`` instead, an array of that shape.
     """
     n_samples, n_directions = projections.shape
     n_classes = params.means.shape[0]
@@ -197,7 +199,8 @@ def score(
     step = _tile_rows(n_classes, n_directions)
     # Non-finite input gives NaN here; the caller reports it, with where.
     with np.errstate(invalid="ignore"):
-        _score_tiles(projections, codes, params, step, mean, m2, columns)
+        target = out if out is not None else columns
+        _score_tiles(projections, codes, params, step, mean, m2, target)
     return SampleMoments(n_directions, mean, m2), columns
 
 

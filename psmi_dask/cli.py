@@ -108,20 +108,8 @@ def _cluster(
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        try:
-            client = Client(scheduler, timeout=timeout)
-        except ValueError as error:
-            raise InputError(
-                f"--scheduler {scheduler!r} is not a scheduler address ({error}); "
-                f"give one such as tcp://host:8786."
-            ) from error
-        except (OSError, TimeoutError) as error:
-            raise InputError(
-                f"could not reach the Dask scheduler at {scheduler!r} within "
-                f"{timeout:g} s ({type(error).__name__}); check the address "
-                f"(such as tcp://host:8786) and that `dask scheduler` runs "
-                f"there, or drop --scheduler to compute locally."
-            ) from error
+        _probe_scheduler(scheduler, timeout)
+        client = Client(scheduler, timeout=timeout)
         with client:
             yield {"kind": "scheduler", "address": scheduler, **_workers_of(client)}
         return
@@ -137,6 +125,36 @@ def _cluster(
         Client(cluster) as client,
     ):
         yield {"kind": "local", "memory_limit": memory_limit, **_workers_of(client)}
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Open and close one connection to ``address``, or raise InputError.
+
+    Probing before creating the Client matters: a Client that fails to
+    connect leaves its event-loop thread running in this process.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe() -> None:
+        comm = await connect(address, timeout=timeout)
+        await comm.close()
+
+    try:
+        asyncio.run(probe())
+    except ValueError as error:
+        raise InputError(
+            f"--scheduler {address!r} is not a scheduler address ({error}); "
+            f"give one such as tcp://host:8786."
+        ) from error
+    except (OSError, TimeoutError) as error:
+        raise InputError(
+            f"could not reach the Dask scheduler at {address!r} within "
+            f"{timeout:g} s ({type(error).__name__}); check the address "
+            f"(such as tcp://host:8786) and that `dask scheduler` runs "
+            f"there, or drop --scheduler to compute locally."
+        ) from error
 
 
 def _workers_of(client: Any) -> dict[str, Any]:
