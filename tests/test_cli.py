@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import numpy as np
@@ -262,7 +263,12 @@ def test_run_refuses_to_overwrite(data, tmp_path):
     assert re.search(r"already exists; pass --overwrite", result.stderr)
 
 
+def io_loop_threads():
+    return sum(thread.name == "IO loop" for thread in threading.enumerate())
+
+
 def test_run_unreachable_scheduler(data, tmp_path):
+    loops = io_loop_threads()
     started = time.perf_counter()
 
     result = invoke(
@@ -285,9 +291,12 @@ def test_run_unreachable_scheduler(data, tmp_path):
     ), result.stderr
     assert result.stderr.count("\n") == 1
     assert time.perf_counter() - started < 15
+    # A failed Client would leave its event-loop thread behind.
+    assert io_loop_threads() == loops
 
 
 def test_run_malformed_scheduler_address(data, tmp_path):
+    loops = io_loop_threads()
     result = invoke(
         "run",
         data / "X.npy",
@@ -300,6 +309,7 @@ def test_run_malformed_scheduler_address(data, tmp_path):
 
     assert result.exit_code == 1
     assert re.search(r"--scheduler 'host' is not a scheduler address", result.stderr)
+    assert io_loop_threads() == loops
 
 
 @pytest.mark.parametrize(
