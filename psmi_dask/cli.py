@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -81,15 +82,24 @@ class MemoryLimit(click.ParamType):
 @click.option("-v", "--verbose", count=True, help="Log more (-v: INFO, -vv: DEBUG).")
 def main(verbose: int) -> None:
     """Pointwise Sliced Mutual Information (PSMI), computed with Dask."""
-    import distributed  # noqa: F401  (sets up its loggers, which we then tune)
-
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("psmi_dask").setLevel(level)
-    # distributed logs every cluster start and stop at INFO: show that at -vv.
-    logging.getLogger("distributed").setLevel(
-        logging.DEBUG if verbose >= 2 else logging.WARNING
-    )
+    _quiet_distributed(verbose)
+
+
+def _quiet_distributed(verbose: int) -> None:
+    """Keep distributed's INFO lines (every cluster start and stop) for -vv.
+
+    distributed sets its loggers from dask's config when it is imported, so
+    the config is set too: a run without a cluster never imports it.
+    """
+    import dask
+
+    name = "debug" if verbose >= 2 else "warning"
+    dask.config.set({"logging.distributed": name})
+    if "distributed" in sys.modules:
+        logging.getLogger("distributed").setLevel(name.upper())
 
 
 @contextlib.contextmanager
