@@ -420,6 +420,9 @@ def run(
     a .npy, .csv or .txt file (one label a line, or a column named with
     --labels-column or PATH:COLUMN), or a dataset beside the features
     (--labels-dataset or PATH:NAME).
+
+    On a cluster (--scheduler), workers read FEATURES and write psmi_full
+    themselves, so both paths must be on a file system every worker sees.
     """
     if scheduler is not None and (
         workers is not None or threads_per_worker is not None
