@@ -100,10 +100,12 @@ class Columns:
 def _score_chunk(
     projections: np.ndarray,
     codes: np.ndarray,
-    params: GaussianParams,
+    params: GaussianParams | BlockFit,
     columns: Columns,
     start: int,
 ) -> tuple[SampleMoments, np.ndarray | None]:
+    if isinstance(params, BlockFit):
+        params = params.params
     out = columns.out(start, projections.shape[0], projections.shape[1])
     return score(projections, codes, params, columns.keep, out)
 
@@ -153,7 +155,7 @@ def _chunk_score(
     codes: np.ndarray,
     offset: np.ndarray,
     directions: np.ndarray,
-    params: GaussianParams,
+    params: GaussianParams | BlockFit,
     columns: Columns,
     start: int,
 ) -> tuple[SampleMoments, np.ndarray | None]:
@@ -165,10 +167,6 @@ def _finish_fit(
     moments: ClassMoments, directions: np.ndarray, var_floor: float
 ) -> BlockFit:
     return BlockFit(directions, fit_gaussians(moments, var_floor))
-
-
-def _params(fit: BlockFit) -> GaussianParams:
-    return fit.params
 
 
 def _drawn_directions(
@@ -218,28 +216,30 @@ def fit_block(
     fit : Delayed of BlockFit
     scores : list of Delayed of (SampleMoments, columns or None), per chunk
     """
-    pure = delayed(pure=True)
+    # Unique keys without hashing the arguments: a block is never shared.
+    task = delayed(pure=False)
     if with_scores and cache_projections:
         projections = [
-            pure(_project)(chunk, data.offset, directions) for chunk in data.features
+            task(_project)(chunk, data.offset, directions) for chunk in data.features
         ]
         moments = [
-            pure(class_moments)(t, codes, n_classes)
+            task(class_moments)(t, codes, n_classes)
             for t, codes in zip(projections, data.codes)
         ]
     else:
         moments = [
-            pure(_chunk_moments)(chunk, codes, data.offset, directions, n_classes)
+            task(_chunk_moments)(chunk, codes, data.offset, directions, n_classes)
             for chunk, codes in zip(data.features, data.codes)
         ]
-    merged = tree_reduce(moments, pure(merge_class_moments))
-    fit = pure(_finish_fit)(merged, directions, var_floor)
+    merged = tree_reduce(moments, task(merge_class_moments))
+    fit = task(_finish_fit)(merged, directions, var_floor)
     if not with_scores:
         return fit, []
-    params = pure(_params)(fit)
+    # The scores take the whole fit, a task fewer than taking its params.
+    params = fit
     if cache_projections:
         scores = [
-            pure(_score_chunk)(t, codes, params, columns, start)
+            task(_score_chunk)(t, codes, params, columns, start)
             for t, codes, start in zip(projections, data.codes, data.starts)
         ]
     else:
@@ -251,9 +251,10 @@ def score_block(
     data: ChunkedData, directions: Any, params: Any, columns: Columns
 ) -> list[Any]:
     """The graph that scores every chunk along a fitted block."""
-    pure = delayed(pure=True)
+    # Unique keys without hashing the arguments: a block is never shared.
+    task = delayed(pure=False)
     return [
-        pure(_chunk_score)(
+        task(_chunk_score)(
             chunk, codes, data.offset, directions, params, columns, start
         )
         for chunk, codes, start in zip(data.features, data.codes, data.starts)

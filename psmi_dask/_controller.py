@@ -50,6 +50,8 @@ class Backend(Protocol):
 
     def fetch(self, reference: Any) -> Any: ...
 
+    def gather(self, references: Sequence[Any]) -> list[Any]: ...
+
     def close(self) -> None: ...
 
 
@@ -100,36 +102,68 @@ class LocalBackend:
     def fetch(self, reference: Any) -> Any:
         return reference
 
+    def gather(self, references: Sequence[Any]) -> list[Any]:
+        return list(references)
+
     def close(self) -> None:
         # Blocks already running finish (at most max_in_flight - 1 of them);
         # the threaded scheduler cannot interrupt a task.
         self._blocks.shutdown(wait=True, cancel_futures=True)
 
 
-def _add_scores(
-    state: SampleMoments | None, scored: tuple[SampleMoments, Any]
-) -> SampleMoments:
+@dataclass(frozen=True)
+class ChunkState:
+    """Per-sample moments of one chunk over all blocks so far (``current``)
+    and over the blocks up to the milestone (``milestone``, None before the
+    milestone holds a block)."""
+
+    current: SampleMoments
+    milestone: SampleMoments | None
+
+
+def _advance(
+    state: ChunkState | None, scored: tuple[SampleMoments, Any], *folded: Any
+) -> ChunkState:
+    """Add a block's scores to a chunk's state; fold blocks into the milestone."""
     moments = scored[0]
-    return moments if state is None else merge_sample_moments(state, moments)
+    if state is None:
+        current, milestone = moments, None
+    else:
+        current, milestone = (
+            merge_sample_moments(state.current, moments),
+            state.milestone,
+        )
+    for block in folded:
+        milestone = (
+            block[0] if milestone is None else merge_sample_moments(milestone, block[0])
+        )
+    return ChunkState(current, milestone)
 
 
-def _candidates(
-    current: SampleMoments, milestone: SampleMoments, offset: int, n_lowest: int
-) -> Candidates:
-    return chunk_candidates(current.mean, milestone.mean, offset, n_lowest)
+def _chunk_lowest(state: ChunkState, start: int, n_lowest: int) -> Candidates:
+    assert state.milestone is not None
+    return chunk_candidates(state.current.mean, state.milestone.mean, start, n_lowest)
 
 
-def _columns(scored: tuple[SampleMoments, Any]) -> Any:
-    return scored[1]
+def _merge_lowest(n_lowest: int, last: bool, *parts: Candidates) -> Any:
+    """Merge candidates; the last merge returns the rule's variation."""
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merge_candidates(merged, part, n_lowest)
+    return mean_variation(merged) if last else merged
+
+
+# Candidates merged per task: few hops from the chunks to the variation.
+_FAN_IN = 32
 
 
 @dataclass
 class SampleAccumulator:
     """Per-sample PSMI moments, merged block after block, in block order.
 
-    Keeps, per chunk, the moments over all blocks so far and over the
-    blocks up to the milestone, plus the blocks in between, which the
-    milestone has not reached yet.
+    Keeps one state per chunk (see ``ChunkState``) and the scores of the
+    blocks the milestone has not reached yet. Each block adds one task per
+    chunk and a few merges of candidates, which run where the data is.
     """
 
     backend: Backend
@@ -137,8 +171,7 @@ class SampleAccumulator:
     rule: StoppingRule | None
     keep_columns: bool
     n_samples: int
-    current: list[Any] = field(default_factory=list)
-    milestone: list[Any] = field(default_factory=list)
+    states: list[Any] = field(default_factory=list)
     pending: deque = field(default_factory=deque)
     columns: list[list[Any]] = field(default_factory=list)
     n_blocks: int = 0
@@ -147,53 +180,50 @@ class SampleAccumulator:
     def add(self, scored: Sequence[Any]) -> float | None:
         """Merge one block's per-chunk scores; return the rule's variation.
 
-        Returns None while the milestone holds no block yet.
+        Returns None in fixed mode, and while the milestone holds no block.
         """
         call = self.backend.call
-        if self.n_blocks == 0:
-            self.current = [call(_add_scores, None, s) for s in scored]
-        else:
-            self.current = [
-                call(_add_scores, c, s) for c, s in zip(self.current, scored)
-            ]
-        if self.keep_columns:
-            self.columns.append([call(_columns, s) for s in scored])
         self.n_blocks += 1
-        if self.rule is None:
-            return None
-        self.pending.append(list(scored))
-        return self._variation()
-
-    def _variation(self) -> float | None:
-        assert self.rule is not None
-        call = self.backend.call
-        target = self.rule.milestone_blocks(self.n_blocks)
-        while self.n_milestone < target:
-            block = self.pending.popleft()
-            if self.n_milestone == 0:
-                self.milestone = [call(_add_scores, None, s) for s in block]
-            else:
-                self.milestone = [
-                    call(_add_scores, m, s) for m, s in zip(self.milestone, block)
-                ]
-            self.n_milestone += 1
-        if self.n_milestone == 0:
+        if self.keep_columns:
+            self.columns.append(list(scored))
+        folded: list[list[Any]] = []
+        if self.rule is not None:
+            self.pending.append(list(scored))
+            target = self.rule.milestone_blocks(self.n_blocks)
+            while self.n_milestone < target:
+                folded.append(self.pending.popleft())
+                self.n_milestone += 1
+        previous = self.states or [None] * len(scored)
+        self.states = [
+            call(_advance, state, s, *(block[i] for block in folded))
+            for i, (state, s) in enumerate(zip(previous, scored))
+        ]
+        if self.rule is None or self.n_milestone == 0:
             return None
         n_lowest = self.rule.n_lowest(self.n_samples)
-        per_chunk = [
-            call(_candidates, c, m, start, n_lowest)
-            for c, m, start in zip(self.current, self.milestone, self.starts)
+        level = [
+            call(_chunk_lowest, state, start, n_lowest)
+            for state, start in zip(self.states, self.starts)
         ]
-        from psmi_dask._blocks import tree_reduce
-
-        lowest = tree_reduce(
-            per_chunk, lambda a, b: call(merge_candidates, a, b, n_lowest)
-        )
-        return float(self.backend.fetch(call(mean_variation, lowest)))
+        while True:
+            last = len(level) <= _FAN_IN
+            level = [
+                call(_merge_lowest, n_lowest, last, *level[i : i + _FAN_IN])
+                for i in range(0, len(level), _FAN_IN)
+            ]
+            if last:
+                return float(self.backend.fetch(level[0]))
 
     def moments(self) -> list[SampleMoments]:
         """The per-chunk moments over every block added."""
-        return [self.backend.fetch(c) for c in self.current]
+        return [state.current for state in self.backend.gather(self.states)]
+
+    def column_blocks(self) -> list[list[np.ndarray]]:
+        """Per block, per chunk, the pmi columns kept."""
+        return [
+            [scored[1] for scored in self.backend.gather(block)]
+            for block in self.columns
+        ]
 
 
 @dataclass

@@ -32,7 +32,7 @@ from psmi_dask._controller import (
 )
 from psmi_dask._directions import DirectionSource, seed_sequence
 from psmi_dask._numerics import GaussianParams, project, score
-from psmi_dask._placement import current_threads, place, run_with_retries
+from psmi_dask._placement import default_in_flight, place, run_with_retries
 from psmi_dask._stopping import StoppingRule
 from psmi_dask._validation import (
     Params,
@@ -56,6 +56,7 @@ _PROJECTION_CACHE_BYTES = 512 * 2**20
 # Target size of one chunk's projections (rows x max(features, block) x 8).
 _CHUNK_BYTES = 16 * 2**20
 _MIN_CHUNKS = 16
+_MIN_ROWS = 1024
 
 
 def chunk_rows(n_samples: int, n_features: int, block_size: int) -> int:
@@ -63,14 +64,17 @@ def chunk_rows(n_samples: int, n_features: int, block_size: int) -> int:
 
     Small enough that one chunk's projections take at most 16 MiB, and that
     there are about 16 chunks or more to share between cores (measured on
-    2 cores: 3 chunks of 4,096 rows left a core idle a third of the time).
+    2 cores: 3 chunks of 4,096 rows left a core idle a third of the time);
+    but 1,024 rows at least unless memory says otherwise, since each chunk
+    costs a few tasks per block, and a task a millisecond or more on a
+    cluster.
     The chunking is a function of the shape and the parameters only, never
     of the input's own chunks, so results are identical bit for bit however
     X arrives.
     """
     by_memory = _CHUNK_BYTES // (8 * max(n_features, block_size))
-    by_count = -(-n_samples // _MIN_CHUNKS)
-    rows = min(by_memory, 2 ** math.ceil(math.log2(max(by_count, 1))))
+    by_count = max(_MIN_ROWS, -(-n_samples // _MIN_CHUNKS))
+    rows = min(by_memory, 2 ** math.ceil(math.log2(by_count)))
     return int(min(65536, max(256, 2 ** int(math.log2(max(rows, 1))))))
 
 
@@ -142,8 +146,8 @@ class PSMI:
         every density into NaN. Classes above the floor are untouched.
     chunk_size : int or "auto", default="auto"
         Samples per chunk. "auto" chooses a power of two from the shape of X
-        and the block size, so that one chunk's projections take at most
-        16 MiB and there are about 16 chunks or more. X is rechunked to this along samples, so the result
+        and the block size: at least 1,024 rows, and 16 chunks or more when
+        X is large enough, while one chunk's projections take at most 16 MiB. X is rechunked to this along samples, so the result
         does not depend on the input's own chunks.
     max_blocks_in_flight : int or "auto", default="auto"
         Blocks computed at once; "auto" is one per worker thread. Blocks
@@ -437,7 +441,7 @@ class PSMI:
     def _in_flight(self, params: Params) -> int:
         if params.max_blocks_in_flight is not None:
             return params.max_blocks_in_flight
-        return max(1, backend_threads())
+        return default_in_flight()
 
     def _direction_source(self, params: Params, n_features: int) -> DirectionSource:
         seed = seed_sequence(self.random_state)
@@ -674,12 +678,10 @@ class PSMI:
     ) -> np.ndarray:
         full = np.empty((data.n_samples, self.n_estimators_))
         column = 0
-        for block in accumulator.columns:
-            width = 0
-            for start, size, reference in zip(data.starts, data.sizes, block):
-                part = accumulator.backend.fetch(reference)
-                full[start : start + size, column : column + part.shape[1]] = part
-                width = part.shape[1]
+        for block in accumulator.column_blocks():
+            width = block[0].shape[1]
+            for start, size, part in zip(data.starts, data.sizes, block):
+                full[start : start + size, column : column + width] = part
             column += width
         return full
 
@@ -718,10 +720,6 @@ _FITTED = (
     "_block_fits_",
     "_convergence_warning",
 )
-
-
-def backend_threads() -> int:
-    return current_threads()
 
 
 def _sink(

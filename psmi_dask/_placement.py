@@ -25,6 +25,7 @@ __all__ = [
     "SchedulerLostError",
     "backend_for",
     "current_client",
+    "default_in_flight",
     "place",
     "run_with_retries",
 ]
@@ -86,17 +87,25 @@ class DistributedBackend:
     def fetch(self, reference: Any) -> Any:
         return reference.result() if hasattr(reference, "result") else reference
 
+    def gather(self, references: Sequence[Any]) -> list[Any]:
+        return list(self.client.gather(list(references)))
+
     def close(self) -> None:
         # Dropping the last reference to a future releases it on the cluster.
         self._futures.clear()
 
 
-def current_threads() -> int:
-    """Threads available to blocks: the cluster's, or this machine's cores."""
+def default_in_flight() -> int:
+    """Blocks kept in flight when the user does not say.
+
+    One per core without a cluster. On a cluster, two per worker thread:
+    each block waits on the scheduler between its passes, and a second one
+    keeps the thread busy meanwhile.
+    """
     client = current_client()
     if client is None:
         return os.cpu_count() or 1
-    return max(1, sum(client.nthreads().values()))
+    return 2 * max(1, sum(client.nthreads().values()))
 
 
 def backend_for(max_in_flight: int) -> Backend:
