@@ -147,7 +147,15 @@ def _chunk_moments(
     directions: np.ndarray,
     n_classes: int,
 ) -> ClassMoments:
-    return class_moments(_project(chunk, offset, directions), codes, n_classes)
+    with single_threaded_blas():
+        return class_moments(_project(chunk, offset, directions), codes, n_classes)
+
+
+def _class_moments(
+    projections: np.ndarray, codes: np.ndarray, n_classes: int
+) -> ClassMoments:
+    with single_threaded_blas():
+        return class_moments(projections, codes, n_classes)
 
 
 def _chunk_score(
@@ -178,7 +186,8 @@ def _drawn_directions(
     size: int,
 ) -> np.ndarray:
     source = DirectionSource(n_features, block_size, kind, seed)
-    return source.block(block, size)
+    with single_threaded_blas():
+        return source.block(block, size)
 
 
 def block_directions(source: DirectionSource, block: int, size: int) -> Any:
@@ -223,7 +232,7 @@ def fit_block(
             task(_project)(chunk, data.offset, directions) for chunk in data.features
         ]
         moments = [
-            task(class_moments)(t, codes, n_classes)
+            task(_class_moments)(t, codes, n_classes)
             for t, codes in zip(projections, data.codes)
         ]
     else:
