@@ -6,6 +6,7 @@ import inspect
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -76,6 +77,25 @@ def chunk_rows(n_samples: int, n_features: int, block_size: int) -> int:
     by_count = max(_MIN_ROWS, -(-n_samples // _MIN_CHUNKS))
     rows = min(by_memory, 2 ** math.ceil(math.log2(by_count)))
     return int(min(65536, max(256, 2 ** int(math.log2(max(rows, 1))))))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``total`` directions in blocks of ``block_size``; the last may be short."""
+
+    total: int
+    block_size: int
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.total // self.block_size)
+
+    def first(self, block: int) -> int:
+        """Index of the block's first direction."""
+        return block * self.block_size
+
+    def size(self, block: int) -> int:
+        return min(self.block_size, self.total - self.first(block))
 
 
 class PSMI:
@@ -353,7 +373,7 @@ class PSMI:
             with ``psmi_full.to_zarr(path)``, chunk by chunk).
         """
         self._check_fitted()
-        features = check_features(X, self.n_features_in_)
+        features = check_features(X, self.n_features_in_, min_samples=1)
         labels = check_labels(y, features.shape[0])
         codes = encode_known_labels(labels, self.classes_)
         params = check_params(self)
@@ -459,13 +479,34 @@ class PSMI:
             n_features, params.block_size, params.directions, self.random_state_
         )
 
-    def _plan(self, params: Params, source: DirectionSource) -> list[int]:
-        """Directions per block, in order: every block is full but the last."""
-        total = params.n_estimators or params.max_n_estimators
-        if source.n_available is not None:
-            total = min(total, source.n_available)
-        full, rest = divmod(total, params.block_size)
-        return [params.block_size] * full + ([rest] if rest else [])
+    def _plan(self, params: Params, source: DirectionSource) -> Plan:
+        """How many directions, in blocks of ``min_n_estimators``.
+
+        In auto mode the cap is rounded down to whole blocks, as psmi 0.2.0
+        only ever has whole blocks: a short last block would make the rule
+        compare nearly the same directions and pass for no reason.
+        """
+        available = source.n_available
+        if params.n_estimators is not None:
+            return Plan(params.n_estimators, params.block_size)
+        cap = params.max_n_estimators
+        if available is not None:
+            cap = min(cap, available)
+        n_blocks = cap // params.block_size
+        if params.milestone * n_blocks < 1:
+            what = (
+                f"the {available} directions given"
+                if available is not None and available < params.max_n_estimators
+                else f"max_n_estimators={params.max_n_estimators}"
+            )
+            raise ValueError(
+                f"In auto mode the stopping rule needs floor(k * milestone) >= 1 "
+                f"after k blocks, but {what} allow only {n_blocks} block(s) of "
+                f"min_n_estimators={params.block_size} with milestone="
+                f"{params.milestone}; raise max_n_estimators (or give more "
+                "directions), or raise milestone."
+            )
+        return Plan(n_blocks * params.block_size, params.block_size)
 
     def _fit(self, X: Any, y: Any, with_scores: bool) -> Any:
         for name in _FITTED:
@@ -477,7 +518,7 @@ class PSMI:
         is_dask = isinstance(features, da.Array)
         n_samples, n_features = features.shape
         source = self._direction_source(params, n_features)
-        sizes = self._plan(params, source)
+        plan = self._plan(params, source)
         auto = params.n_estimators is None
         rule = (
             StoppingRule(params.quantile, params.max_variation, params.milestone)
@@ -486,15 +527,16 @@ class PSMI:
         )
         rows = params.chunk_size or chunk_rows(n_samples, n_features, params.block_size)
         in_flight = self._in_flight(params)
+        wants_outputs = with_scores
+        keep_columns = wants_outputs and not is_dask
         with_scores = with_scores or auto
-        keep_columns = with_scores and not is_dask
         cache = n_samples * params.block_size * 8 * in_flight <= _PROJECTION_CACHE_BYTES
         offset = _reference_sample(features)
 
         def fit_on(backend: Any) -> Any:
             data = place(backend, features, codes, rows, offset)
             # In auto mode the number of columns is known only at the end.
-            sink = _sink(backend, keep_columns and not auto, n_samples, sum(sizes))
+            sink = _sink(backend, keep_columns and not auto, n_samples, plan.total)
             keep = keep_columns and sink is None
             accumulator = (
                 SampleAccumulator(backend, data.starts, rule, keep, n_samples)
@@ -505,7 +547,7 @@ class PSMI:
                 backend,
                 data,
                 source,
-                sizes,
+                plan,
                 classes.shape[0],
                 params,
                 accumulator,
@@ -515,7 +557,7 @@ class PSMI:
                 sink,
             )
             self._set_fitted(fits, history, classes, codes, offset, rule, params)
-            if accumulator is None:
+            if accumulator is None or not wants_outputs:
                 return None
             return self._outputs(
                 features, codes, data, accumulator, is_dask, rows, sink
@@ -528,7 +570,7 @@ class PSMI:
         backend: Any,
         data: ChunkedData,
         source: DirectionSource,
-        sizes: list[int],
+        plan: Plan,
         n_classes: int,
         params: Params,
         accumulator: SampleAccumulator | None,
@@ -540,10 +582,10 @@ class PSMI:
         fits: list[BlockFit] = []
         history: list[BlockRecord] = []
         started = now()
-        bar = _progress_bar(params, sizes, rule)
+        bar = _progress_bar(params, plan, rule)
 
         def build(block: int) -> tuple[Any, list[Any]]:
-            directions = block_directions(source, block, sizes[block])
+            directions = block_directions(source, block, plan.size(block))
             return fit_block(
                 data,
                 directions,
@@ -553,7 +595,7 @@ class PSMI:
                 columns=Columns(
                     accumulator is not None and accumulator.keep_columns,
                     sink,
-                    sum(sizes[:block]),
+                    plan.first(block),
                 ),
                 cache_projections=cache,
             )
@@ -564,13 +606,12 @@ class PSMI:
                 _check_block_finite(fit, features)
             fits.append(fit)
             variation = accumulator.add(scores) if accumulator is not None else None
-            record = BlockRecord(
-                block, sum(sizes[: block + 1]), variation, now() - started
-            )
+            done = plan.first(block) + plan.size(block)
+            record = BlockRecord(block, done, variation, now() - started)
             history.append(record)
             log_block(record, rule.max_variation if rule else None)
             if bar is not None:
-                bar.update(sizes[block])
+                bar.update(plan.size(block))
                 if variation is not None:
                     bar.set_postfix_str(
                         f"variation {variation:.4g} / {params.max_variation:.4g}"
@@ -578,7 +619,7 @@ class PSMI:
             return rule is not None and variation is not None and rule.is_met(variation)
 
         try:
-            run_blocks(backend, build, len(sizes), self._in_flight(params), consume)
+            run_blocks(backend, build, plan.n_blocks, self._in_flight(params), consume)
         finally:
             if bar is not None:
                 bar.close()
@@ -621,23 +662,31 @@ class PSMI:
                     rule.max_variation,
                 )
             else:
-                shown = "never tested" if last is None else f"{last:.4g}"
                 logger.info(
-                    "stopped at the cap of %d directions: variation %s > %.4g",
+                    "stopped at the cap of %d directions: variation %.4g > %.4g",
                     directions.shape[0],
-                    shown,
+                    last,
                     rule.max_variation,
                 )
+                rows = params.directions
+                given = isinstance(rows, np.ndarray)
+                limit = (
+                    f"the {directions.shape[0]} directions given"
+                    if isinstance(rows, np.ndarray)
+                    and rows.shape[0] < params.max_n_estimators
+                    else f"max_n_estimators={params.max_n_estimators} directions"
+                )
+                more = "give more directions" if given else "increase max_n_estimators"
                 advice = (
-                    " or use directions='orthogonal'"
+                    ", or use directions='orthogonal', which needs fewer"
                     if isinstance(params.directions, str) and params.directions == "iid"
                     else ""
                 )
                 self._convergence_warning = (
-                    f"The stopping rule was not met within max_n_estimators="
-                    f"{params.max_n_estimators} directions: the last variation of "
-                    f"the lowest PSMI was {shown}, above max_variation_of_the_lowest="
-                    f"{rule.max_variation}. Increase max_n_estimators or "
+                    f"The stopping rule was not met within {limit}: the mean "
+                    f"relative variation of the lowest PSMI was {last:.4g}, above "
+                    f"max_variation_of_the_lowest={rule.max_variation}. To go on, "
+                    f"{more}; to accept a looser estimate, increase "
                     f"max_variation_of_the_lowest{advice}."
                 )
         else:
@@ -761,13 +810,13 @@ def _pmi_columns(
     return columns  # type: ignore[return-value]
 
 
-def _progress_bar(params: Params, sizes: list[int], rule: StoppingRule | None) -> Any:
+def _progress_bar(params: Params, plan: Plan, rule: StoppingRule | None) -> Any:
     if not params.progress:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=sum(sizes),
+        total=plan.total,
         unit="direction",
         desc="PSMI (auto)" if rule is not None else "PSMI",
     )

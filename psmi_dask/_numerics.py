@@ -34,6 +34,9 @@ __all__ = [
 # amortised (measured on 2-core machines, see tests/benchmarks).
 _SCORE_TILE_BYTES = 1 << 20
 
+# Below this, squared deviations lose their digits to subnormal numbers.
+_SMALLEST_VARIANCE = 1e-280
+
 
 @dataclass(frozen=True)
 class ClassMoments:
@@ -89,7 +92,9 @@ def project(
     zero, so that a constant input gives PSMI exactly 0.
     """
     centred = np.subtract(chunk, offset, dtype=np.float64)
-    return centred @ directions.T
+    # Overflow gives inf, which the caller reports with advice.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return centred @ directions.T
 
 
 def class_moments(
@@ -158,6 +163,12 @@ def fit_gaussians(moments: ClassMoments, var_floor: float) -> GaussianParams:
     total_mean = (prior[:, None] * moments.means).sum(axis=0)
     between = np.square(moments.means - total_mean)
     total_var = (prior[:, None] * (variances + between)).sum(axis=0)
+    if np.any((total_var > 0) & (total_var < _SMALLEST_VARIANCE)):
+        raise ValueError(
+            "X varies too little for float64 along some directions (variance "
+            f"below {_SMALLEST_VARIANCE:g}); multiply X by a large constant, "
+            "which leaves PSMI unchanged."
+        )
     noise = np.square(4096 * np.finfo(np.float64).eps * np.abs(total_mean))
     floor = np.maximum(var_floor * total_var, noise)
     floor = np.where(floor > 0, floor, 1.0)

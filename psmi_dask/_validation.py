@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral, Number, Real
 from typing import Any
 
 import dask.array as da
@@ -157,7 +157,7 @@ def _boolean(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def check_features(X: Any, n_features: int | None = None) -> Any:
+def check_features(X: Any, n_features: int | None = None, min_samples: int = 2) -> Any:
     """Check X: 2-D, numeric, known chunk sizes; numpy or dask.
 
     Returns a numpy array or a dask array; neither is copied or cast here.
@@ -194,9 +194,10 @@ def check_features(X: Any, n_features: int | None = None) -> Any:
         raise TypeError(f"X must hold real numbers, got dtype {features.dtype}.")
     if features.shape[1] == 0:
         raise ValueError("X must have at least one feature, got 0 columns.")
-    if features.shape[0] < 2:
+    if features.shape[0] < min_samples:
         raise ValueError(
-            f"X must have at least 2 samples, got {features.shape[0]} samples."
+            f"X must have at least {min_samples} sample"
+            f"{'s' if min_samples > 1 else ''}, got {features.shape[0]}."
         )
     if n_features is not None and features.shape[1] != n_features:
         raise ValueError(
@@ -242,13 +243,7 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
                 f"{n_samples} rows and y with {y.shape[0]} labels."
             )
         y = y.compute()
-    labels = np.asarray(y)
-    if labels.dtype.kind in "US" and isinstance(y, (list, tuple)):
-        if not all(isinstance(label, str) for label in y):
-            raise TypeError(
-                "y mixes labels of types that cannot be compared, e.g. numbers "
-                "and strings; give every label the same type."
-            )
+    labels = _as_label_array(y)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
@@ -265,18 +260,47 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
     return labels
 
 
+def _as_label_array(y: Any) -> np.ndarray:
+    """A 1-D array of labels; a list keeps each label whole and its type."""
+    if not isinstance(y, (list, tuple)):
+        return np.asarray(y)
+    types = {type(label) for label in y}
+    if len(types) > 1 and not all(issubclass(t, Number) for t in types):
+        names = ", ".join(sorted(t.__name__ for t in types))
+        raise TypeError(
+            f"y mixes labels of types that cannot be compared ({names}); give "
+            "every label the same type."
+        )
+    if types and issubclass(next(iter(types)), tuple):
+        labels = np.empty(len(y), dtype=object)
+        labels[:] = list(y)
+        return labels
+    return np.asarray(y)
+
+
 def _shown(label: Any) -> str:
     return repr(label.item() if isinstance(label, np.generic) else label)
 
 
 def _unique(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     try:
-        return np.unique(labels, return_inverse=True)
+        classes, codes = np.unique(labels, return_inverse=True)
     except TypeError:
         raise TypeError(
             "y mixes labels of types that cannot be compared, e.g. numbers and "
             "strings; give every label the same type."
         ) from None
+    if labels.dtype == object and len(set(classes.tolist())) != len(classes):
+        # Labels without a total order (sets, for example) do not sort into
+        # runs of equals: number them in order of first appearance instead.
+        try:
+            index = {label: i for i, label in enumerate(dict.fromkeys(labels.tolist()))}
+        except TypeError:
+            raise TypeError("y must hold hashable labels.") from None
+        classes = np.empty(len(index), dtype=object)
+        classes[:] = list(index)
+        codes = np.array([index[label] for label in labels.tolist()], dtype=np.intp)
+    return classes, codes.ravel()
 
 
 def encode_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -287,6 +311,8 @@ def encode_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if small.size:
         listed = ", ".join(
             f"{_shown(classes[i])} ({counts[i]} sample)" for i in small[:_MAX_LISTED]
+        ) + (
+            f" and {small.size - _MAX_LISTED} more" if small.size > _MAX_LISTED else ""
         )
         raise ValueError(
             "Every class needs at least 2 samples to fit its Gaussian, but "
@@ -317,6 +343,7 @@ def encode_known_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"y holds {unseen.size} label{'s' if unseen.size > 1 else ''} that fit "
             f"never saw: {listed}{more}. Fitted classes: "
-            f"{[_shown(c) for c in classes[:_MAX_LISTED]]}."
+            f"{', '.join(_shown(c) for c in classes[:_MAX_LISTED])}"
+            f"{', ...' if classes.shape[0] > _MAX_LISTED else ''}."
         )
     return position[inverse.ravel()].astype(np.intp)

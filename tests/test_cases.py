@@ -245,8 +245,9 @@ def test_r8_auto_mode_stops_at_max_n_estimators_with_a_warning():
     X, y = _mixture(8, 1000, 16, 10, separation=0.02)
     est = PSMI(min_n_estimators=50, max_n_estimators=300, random_state=8)
     pattern = (
-        r"last variation of the lowest PSMI was (?P<value>[0-9.e+-]+), above "
-        r"max_variation_of_the_lowest=0\.05\. Increase max_n_estimators"
+        r"variation of the lowest PSMI was (?P<value>[0-9.e+-]+), above "
+        r"max_variation_of_the_lowest=0\.05\. To go on, increase "
+        r"max_n_estimators"
     )
 
     with pytest.warns(ConvergenceWarning, match=pattern) as caught:

@@ -204,3 +204,73 @@ def test_lazy_psmi_full_equals_the_fitted_columns_whatever_the_blas_threads():
     assert_array_equal(lazy.compute(scheduler="sync"), full)
     with dask.config.set(scheduler="sync"):
         assert_array_equal(est.transform(X, y)[2], full)
+
+
+def test_auto_fit_keeps_no_per_direction_matrix():
+    import tracemalloc
+    import warnings
+
+    from psmi_dask import ConvergenceWarning
+
+    rng = np.random.default_rng(13)
+    X = rng.normal(size=(5000, 16))
+    y = rng.integers(4, size=5000)
+    peaks, used = [], []
+    for cap in (600, 2400):
+        est = PSMI(min_n_estimators=100, max_n_estimators=cap, random_state=0)
+        tracemalloc.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.fit(X, y)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        used.append(est.n_estimators_)
+    # Holding psmi_full would add 5000 x 8 bytes per extra direction.
+    assert used[1] - used[0] >= 600
+    assert peaks[1] < peaks[0] + 8 * 2**20, (peaks, used)
+
+
+def test_transform_takes_a_single_sample():
+    X, y = _mixture(14, n=200)
+    est = PSMI(n_estimators=50, random_state=0).fit(X, y)
+    mean, std, full = est.transform(X[:1], y[:1])
+    assert_array_equal(mean, est.transform(X, y)[0][:1])
+    assert full.shape == (1, 50)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [b"x", b"y"] * 10,
+        [(1, 2), (3, 4)] * 10,
+        [frozenset({1}), frozenset({2})] * 10,
+    ],
+    ids=["bytes", "tuples", "frozensets"],
+)
+def test_hashable_labels_of_any_kind(labels):
+    X, _ = _mixture(15, n=20)
+    est = PSMI(n_estimators=10, random_state=0).fit(X, labels)
+    assert len(est.classes_) == 2
+    assert set(est.classes_.tolist()) == set(labels)
+
+
+def test_a_huge_cap_costs_nothing_when_the_rule_holds_early():
+    X, y = _mixture(16, n=300, d=8, gap=5.0)
+    est = PSMI(min_n_estimators=50, max_n_estimators=10**12, random_state=2).fit(X, y)
+    assert est.converged_ and est.n_estimators_ < 5000
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(milestone=0.01), dict(max_n_estimators=501), dict(directions=np.eye(3))],
+)
+def test_auto_mode_refuses_a_rule_that_can_never_be_tested(kwargs):
+    X, y = _mixture(17, n=60, d=3)
+    with pytest.raises(ValueError, match="floor\\(k \\* milestone\\) >= 1"):
+        PSMI(**kwargs).fit(X, y)
+
+
+def test_data_too_small_for_float64_is_an_error_not_zero():
+    X, y = _mixture(18, n=100)
+    with pytest.raises(ValueError, match="multiply X by a large constant"):
+        PSMI(n_estimators=20, random_state=0).fit(X * 1e-158, y)
