@@ -33,7 +33,13 @@ from psmi_dask._controller import (
 )
 from psmi_dask._directions import DirectionSource, seed_sequence
 from psmi_dask._numerics import GaussianParams, project, score
-from psmi_dask._placement import default_in_flight, place, run_with_retries
+from psmi_dask._placement import (
+    as_dask,
+    default_in_flight,
+    place,
+    run_with_retries,
+    share,
+)
 from psmi_dask._stopping import StoppingRule
 from psmi_dask._validation import (
     Params,
@@ -53,6 +59,11 @@ logger = logging.getLogger(__name__)
 # Keep a block's projections between its two passes while those of the
 # blocks in flight fit in this many bytes; beyond, project twice.
 _PROJECTION_CACHE_BYTES = 512 * 2**20
+
+# A block over at most this many samples x max(features, directions) runs as
+# one task: on digits (1,797 x 64, blocks of 500) it halved the wall time on
+# a two-worker LocalCluster (tests/benchmarks/bench_auto.py).
+_WHOLE_BLOCK_VALUES = 2**21
 
 # Target size of one chunk's projections (rows x max(features, block) x 8).
 _CHUNK_BYTES = 16 * 2**20
@@ -531,6 +542,7 @@ class PSMI:
         keep_columns = wants_outputs and not is_dask
         with_scores = with_scores or auto
         cache = n_samples * params.block_size * 8 * in_flight <= _PROJECTION_CACHE_BYTES
+        whole = n_samples * max(n_features, params.block_size) <= _WHOLE_BLOCK_VALUES
         offset = _reference_sample(features)
 
         def fit_on(backend: Any) -> Any:
@@ -553,6 +565,7 @@ class PSMI:
                 accumulator,
                 rule,
                 cache,
+                whole,
                 features,
                 sink,
             )
@@ -576,6 +589,7 @@ class PSMI:
         accumulator: SampleAccumulator | None,
         rule: StoppingRule | None,
         cache: bool,
+        whole: bool,
         features: Any,
         sink: ColumnSink | None,
     ) -> tuple[list[BlockFit], list[BlockRecord]]:
@@ -598,6 +612,7 @@ class PSMI:
                     plan.first(block),
                 ),
                 cache_projections=cache,
+                whole=whole,
             )
 
         def consume(block: int, result: Any) -> bool:
@@ -714,11 +729,11 @@ class PSMI:
             return mean, std, self._gather_columns(accumulator, data)
         if np.isnan(mean).any():
             raise_if_not_finite(features)
-        chunks = (tuple(data.sizes),)
-        full = self._lazy_full(features, codes, rows)
+        backend = accumulator.backend
+        full = self._lazy_full(features, codes, rows, backend)
         return (
-            da.from_array(mean, chunks=chunks),
-            da.from_array(std, chunks=chunks),
+            as_dask(backend, mean, data.sizes),
+            as_dask(backend, std, data.sizes),
             full,
         )
 
@@ -734,17 +749,24 @@ class PSMI:
             column += width
         return full
 
-    def _lazy_full(self, features: da.Array, codes: np.ndarray, rows: int) -> da.Array:
+    def _lazy_full(
+        self, features: da.Array, codes: np.ndarray, rows: int, backend: Any
+    ) -> da.Array:
+        """psmi_full as a lazy dask array, recomputed chunk by chunk.
+
+        On a cluster, the labels, the reference sample and each block's fit
+        are scattered once, so that computing psmi_full sends a small graph.
+        """
         X = features.rechunk({0: rows, 1: -1})
-        labels = da.from_array(codes, chunks=(X.chunks[0],))
+        labels = as_dask(backend, codes, X.chunks[0])[:, None]
+        offset = share(backend, self._offset_)
         columns = [
             da.map_blocks(
                 _pmi_columns,
                 X,
-                labels[:, None],
-                offset=self._offset_,
-                directions=fit.directions,
-                params=fit.params,
+                labels,
+                offset,
+                share(backend, fit),
                 chunks=(X.chunks[0], (fit.directions.shape[0],)),
                 dtype=np.float64,
             )
@@ -798,15 +820,11 @@ def _check_block_finite(fit: BlockFit, features: Any) -> None:
 
 
 def _pmi_columns(
-    chunk: np.ndarray,
-    codes: np.ndarray,
-    offset: np.ndarray,
-    directions: np.ndarray,
-    params: GaussianParams,
+    chunk: np.ndarray, codes: np.ndarray, offset: np.ndarray, fit: BlockFit
 ) -> np.ndarray:
     with single_threaded_blas():
-        projections = project(chunk, offset, directions)
-    _, columns = score(projections, codes[:, 0], params, True)
+        projections = project(chunk, offset, fit.directions)
+    _, columns = score(projections, codes[:, 0], fit.params, True)
     return columns  # type: ignore[return-value]
 
 

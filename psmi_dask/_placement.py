@@ -28,6 +28,8 @@ __all__ = [
     "default_in_flight",
     "place",
     "run_with_retries",
+    "as_dask",
+    "share",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,6 +168,34 @@ def run_with_retries(work: Callable[[Backend], Any], max_in_flight: int) -> Any:
         finally:
             backend.close()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def as_dask(backend: Backend, values: np.ndarray, sizes: Sequence[int]) -> da.Array:
+    """A dask array of ``values`` in chunks of ``sizes`` along axis 0.
+
+    On a cluster the chunks are scattered, so that the array's graph holds
+    futures, not the data.
+    """
+    if not isinstance(backend, DistributedBackend):
+        return da.from_array(values, chunks=(tuple(sizes),) + values.shape[1:])
+    starts = np.cumsum([0, *sizes[:-1]])
+    parts = backend.client.scatter(
+        [values[s : s + n] for s, n in zip(starts, sizes)], hash=False
+    )
+    return da.concatenate(
+        [
+            da.from_delayed(part, shape=(n, *values.shape[1:]), dtype=values.dtype)
+            for part, n in zip(parts, sizes)
+        ]
+    )
+
+
+def share(backend: Backend, value: Any) -> Any:
+    """``value`` as an argument of many tasks: scattered once on a cluster."""
+    if not isinstance(backend, DistributedBackend):
+        return value
+    [future] = backend.client.scatter([value], broadcast=True, hash=False)
+    return future
 
 
 def _rechunked(features: Any, rows: int) -> da.Array | np.ndarray:

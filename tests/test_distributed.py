@@ -15,6 +15,7 @@ import time
 import warnings
 
 import cloudpickle
+import dask.array as da
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -328,3 +329,24 @@ def test_c20_features_travel_once_without_large_graph_warnings():
                 X, y
             )
     assert est.n_blocks_ >= 2
+
+
+def test_dask_outputs_on_a_cluster_send_small_graphs():
+    # 1.5M labels, means and stds are 12 MB each: embedded in the graphs of
+    # the outputs they would trigger distributed's "Sending large graph".
+    n = 1_500_000
+    X = da.random.default_rng(3).standard_normal((n, 2), chunks=(250_000, 2))
+    y = np.random.default_rng(3).integers(2, size=n)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mean, std, full = PSMI(
+                n_estimators=8, min_n_estimators=8, random_state=0
+            ).fit_transform(X, y)
+            got = da.compute(mean, std, full[:, 0].sum())
+    assert got[0].shape == (n,) and np.isfinite(got[2])
