@@ -61,8 +61,8 @@ logger = logging.getLogger(__name__)
 _PROJECTION_CACHE_BYTES = 512 * 2**20
 
 # A block over at most this many samples x max(features, directions) runs as
-# one task: on digits (1,797 x 64, blocks of 500) it halved the wall time on
-# a two-worker LocalCluster (tests/benchmarks/bench_auto.py).
+# one task instead of a few per chunk (on digits, 3 tasks a block instead of
+# 14); the wall time on a two-worker LocalCluster stayed about the same.
 _WHOLE_BLOCK_VALUES = 2**21
 
 # Target size of one chunk's projections (rows x max(features, block) x 8).
