@@ -497,6 +497,12 @@ def _run(
                     f"output {str(paths[name])!r} already exists; pass "
                     f"--overwrite or choose another -o."
                 )
+    folder = paths["record"].parent
+    if not folder.is_dir():
+        raise InputError(
+            f"the folder of -o, {str(folder)!r}, does not exist; create it or "
+            "choose another -o."
+        )
     _check_plot_path(plot)
     X, y = _open_inputs(features, labels, **inputs)
     opened = time.perf_counter()

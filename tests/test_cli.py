@@ -405,3 +405,20 @@ def test_demo_reduced(tmp_path):
     record = json.loads((tmp_path / "digits_psmi.csv.json").read_text())
     assert record["auroc"] == pytest.approx(auroc, abs=1e-4)
     assert len(record["data"]["flipped"]) == 20
+
+
+def test_run_refuses_an_output_folder_that_does_not_exist_before_computing(tmp_path):
+    np.save(tmp_path / "X.npy", np.random.default_rng(0).normal(size=(40, 3)))
+    np.save(tmp_path / "y.npy", np.arange(40) % 2)
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(tmp_path / "X.npy"),
+            str(tmp_path / "y.npy"),
+            "-o",
+            str(tmp_path / "missing" / "out.npy"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "does not exist; create it" in result.output
