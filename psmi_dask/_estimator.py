@@ -178,10 +178,12 @@ class PSMI:
     chunk_size : int or "auto", default="auto"
         Samples per chunk. "auto" chooses a power of two from the shape of X
         and the block size: at least 1,024 rows, and 16 chunks or more when
-        X is large enough, while one chunk's projections take at most 16 MiB. X is rechunked to this along samples, so the result
-        does not depend on the input's own chunks.
+        X is large enough, while one chunk's projections take at most
+        16 MiB. X is rechunked to this along samples, so the result does not
+        depend on the input's own chunks.
     max_blocks_in_flight : int or "auto", default="auto"
-        Blocks computed at once; "auto" is one per worker thread. Blocks
+        Blocks computed at once; "auto" is one per core on the threaded
+        scheduler and two per worker thread on a cluster. Blocks
         that run ahead of a stopping decision are cancelled.
     progress : bool, default=False
         Show a progress bar of blocks done (and, in auto mode, the current
