@@ -141,7 +141,8 @@ def _advance(
 
 
 def _chunk_lowest(state: ChunkState, start: int, n_lowest: int) -> Candidates:
-    assert state.milestone is not None
+    if state.milestone is None:
+        raise ValueError("the milestone holds no block yet")
     return chunk_candidates(state.current.mean, state.milestone.mean, start, n_lowest)
 
 
@@ -301,7 +302,3 @@ def log_block(record: BlockRecord, threshold: float | None) -> None:
 
 def now() -> float:
     return time.perf_counter()
-
-
-def as_numpy(values: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate(list(values)) if values else np.empty(0)
