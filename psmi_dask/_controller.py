@@ -175,6 +175,7 @@ class SampleAccumulator:
     states: list[Any] = field(default_factory=list)
     pending: deque = field(default_factory=deque)
     columns: list[list[Any]] = field(default_factory=list)
+    states_after: list[list[Any]] = field(default_factory=list)
     n_blocks: int = 0
     n_milestone: int = 0
 
@@ -182,6 +183,17 @@ class SampleAccumulator:
         """Merge one block's per-chunk scores; return the rule's variation.
 
         Returns None in fixed mode, and while the milestone holds no block.
+        """
+        return self.variation_of(self.extend(scored))
+
+    def extend(self, scored: Sequence[Any]) -> Any:
+        """Submit the merges of one block's scores, without waiting.
+
+        Which blocks the milestone holds after k blocks depends on k alone,
+        so on a cluster the merges of a block can be submitted with the
+        block itself, ahead of any decision; ``keep`` later drops what the
+        blocks after the stopping one added. Returns a reference to the
+        rule's variation, or None.
         """
         call = self.backend.call
         self.n_blocks += 1
@@ -199,6 +211,7 @@ class SampleAccumulator:
             call(_advance, state, s, *(block[i] for block in folded))
             for i, (state, s) in enumerate(zip(previous, scored))
         ]
+        self.states_after.append(self.states)
         if self.rule is None or self.n_milestone == 0:
             return None
         n_lowest = self.rule.n_lowest(self.n_samples)
@@ -213,7 +226,21 @@ class SampleAccumulator:
                 for i in range(0, len(level), _FAN_IN)
             ]
             if last:
-                return float(self.backend.fetch(level[0]))
+                return level[0]
+
+    def variation_of(self, reference: Any) -> float | None:
+        """The variation behind a reference from ``extend``."""
+        if reference is None:
+            return None
+        return float(self.backend.fetch(reference))
+
+    def keep(self, n_blocks: int) -> None:
+        """Keep the first ``n_blocks`` blocks only, dropping those run ahead."""
+        self.states = self.states_after[n_blocks - 1]
+        self.states_after = self.states_after[:n_blocks]
+        self.columns = self.columns[:n_blocks]
+        self.n_blocks = n_blocks
+        self.pending.clear()
 
     def moments(self) -> list[SampleMoments]:
         """The per-chunk moments over every block added."""
@@ -251,21 +278,31 @@ def run_blocks(
     n_blocks: int,
     max_in_flight: int,
     consume: Callable[[int, Any], bool],
+    on_submit: Callable[[int, Any], None] | None = None,
 ) -> int:
     """Run up to ``n_blocks`` blocks, consuming them in order.
 
-    ``build(b)`` returns the graphs of block ``b``; ``consume(b, result)``
-    takes its computed result and returns True to stop. Blocks still in
-    flight when the run stops are cancelled. Returns the number of blocks
-    consumed. The loop runs at most ``n_blocks`` times.
+    ``build(b)`` returns the graphs of block ``b``; ``on_submit(b, handle)``,
+    if given, sees each block as it is submitted, in block order;
+    ``consume(b, result)`` takes its computed result and returns True to
+    stop. Blocks still in flight when the run stops are cancelled. Returns
+    the number of blocks consumed. The loop runs at most ``n_blocks`` times.
     """
     in_flight: deque[tuple[int, Any]] = deque()
     submitted = 0
     consumed = 0
+
+    def submit() -> None:
+        nonlocal submitted
+        handle = backend.submit(build(submitted))
+        if on_submit is not None:
+            on_submit(submitted, handle)
+        in_flight.append((submitted, handle))
+        submitted += 1
+
     try:
         while submitted < min(n_blocks, max_in_flight):
-            in_flight.append((submitted, backend.submit(build(submitted))))
-            submitted += 1
+            submit()
         for _ in range(n_blocks):
             block, handle = in_flight.popleft()
             result = backend.wait(handle)
@@ -273,8 +310,7 @@ def run_blocks(
             if consume(block, result):
                 break
             if submitted < n_blocks:
-                in_flight.append((submitted, backend.submit(build(submitted))))
-                submitted += 1
+                submit()
     finally:
         for _, handle in in_flight:
             backend.cancel(handle)

@@ -617,12 +617,26 @@ class PSMI:
                 whole=whole,
             )
 
+        # On a cluster the merges of each block go with the block, so that
+        # the controller only reads the variation; threads merge at consume.
+        ahead = accumulator is not None and not isinstance(backend, LocalBackend)
+        variations: dict[int, Any] = {}
+
+        def on_submit(block: int, handle: Any) -> None:
+            if accumulator is not None:
+                variations[block] = accumulator.extend(handle[1:])
+
         def consume(block: int, result: Any) -> bool:
             fit, scores = backend.fetch(result[0]), result[1]
             if block == 0:
                 _check_block_finite(fit, features)
             fits.append(fit)
-            variation = accumulator.add(scores) if accumulator is not None else None
+            if accumulator is None:
+                variation = None
+            elif ahead:
+                variation = accumulator.variation_of(variations.pop(block))
+            else:
+                variation = accumulator.add(scores)
             done = plan.first(block) + plan.size(block)
             record = BlockRecord(block, done, variation, now() - started)
             history.append(record)
@@ -636,7 +650,16 @@ class PSMI:
             return rule is not None and variation is not None and rule.is_met(variation)
 
         try:
-            run_blocks(backend, build, plan.n_blocks, self._in_flight(params), consume)
+            run_blocks(
+                backend,
+                build,
+                plan.n_blocks,
+                self._in_flight(params),
+                consume,
+                on_submit if ahead else None,
+            )
+            if ahead and accumulator is not None:
+                accumulator.keep(len(fits))
         finally:
             if bar is not None:
                 bar.close()
