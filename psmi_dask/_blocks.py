@@ -147,8 +147,7 @@ def _chunk_moments(
     directions: np.ndarray,
     n_classes: int,
 ) -> ClassMoments:
-    with single_threaded_blas():
-        return class_moments(_project(chunk, offset, directions), codes, n_classes)
+    return _class_moments(_project(chunk, offset, directions), codes, n_classes)
 
 
 def _class_moments(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -334,7 +333,3 @@ def log_block(record: BlockRecord, threshold: float | None) -> None:
             threshold,
             record.elapsed,
         )
-
-
-def now() -> float:
-    return time.perf_counter()

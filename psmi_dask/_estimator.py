@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,10 @@ from psmi_dask._controller import (
     LocalBackend,
     SampleAccumulator,
     log_block,
-    now,
     run_blocks,
 )
 from psmi_dask._directions import DirectionSource, seed_sequence
-from psmi_dask._numerics import GaussianParams, project, score
+from psmi_dask._numerics import project, score
 from psmi_dask._placement import (
     as_dask,
     default_in_flight,
@@ -597,7 +597,7 @@ class PSMI:
     ) -> tuple[list[BlockFit], list[BlockRecord]]:
         fits: list[BlockFit] = []
         history: list[BlockRecord] = []
-        started = now()
+        started = time.perf_counter()
         bar = _progress_bar(params, plan, rule)
 
         def build(block: int) -> tuple[Any, list[Any]]:
@@ -638,7 +638,7 @@ class PSMI:
             else:
                 variation = accumulator.add(scores)
             done = plan.first(block) + plan.size(block)
-            record = BlockRecord(block, done, variation, now() - started)
+            record = BlockRecord(block, done, variation, time.perf_counter() - started)
             history.append(record)
             log_block(record, rule.max_variation if rule else None)
             if bar is not None:
