@@ -206,6 +206,9 @@ def _fit(
             threads_per_worker=threads_per_worker,
             processes=True,
             dashboard_address=":0",
+            # Workers log a warning for every block released after the
+            # stop; only errors are worth showing.
+            silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster),
     ):

@@ -131,6 +131,9 @@ def _cluster(
             memory_limit=memory_limit,
             processes=True,
             dashboard_address=":0",
+            # Workers log a warning for every block released after the
+            # stop; only errors are worth showing.
+            silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
     ):
