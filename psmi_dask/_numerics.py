@@ -12,10 +12,18 @@ handled in log space, with the denominator as a log-sum-exp over classes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+_kernel: ModuleType | None
+try:
+    import psmi_dask._kernel as _kernel
+except ImportError:  # built without a C compiler: the numpy path below
+    _kernel = None
 
 __all__ = [
     "ClassMoments",
@@ -36,6 +44,17 @@ _SCORE_TILE_BYTES = 1 << 20
 
 # exp(-50) is 2e-22: a hundred such terms still vanish beside 1 in float64.
 _NEGLIGIBLE = -50.0
+
+# exp on [-50, 0] is a table of exp(-j / 128) times a Taylor polynomial of
+# the remainder, in plain float64 arithmetic: the compiled kernel and the
+# numpy fallback give the same bits, at most 2 ulp from exp. The table comes
+# from the C library's exp, whatever numpy's SIMD dispatch does.
+_EXP_STEPS = 128
+_EXP_TABLE = np.array(
+    [math.exp(-j / _EXP_STEPS) for j in range(int(-_NEGLIGIBLE) * _EXP_STEPS + 1)]
+)
+# Adding and subtracting 1.5 * 2**52 rounds a float64 to the nearest integer.
+_ROUNDING_SHIFT = 1.5 * 2.0**52
 
 # Below this, squared deviations lose their digits to subnormal numbers.
 _SMALLEST_VARIANCE = 1e-280
@@ -218,6 +237,53 @@ def score(
     return SampleMoments(n_directions, mean, m2), columns
 
 
+def _exp_negligible_to_zero(z: np.ndarray) -> np.ndarray:
+    """exp of ``z`` clamped to [-50, 0], in place, as the kernel computes it."""
+    np.maximum(z, _NEGLIGIBLE, out=z)
+    np.minimum(z, 0.0, out=z)
+    z *= -_EXP_STEPS
+    rounded = z + _ROUNDING_SHIFT
+    rounded -= _ROUNDING_SHIFT
+    with np.errstate(invalid="ignore"):  # NaN: the remainder keeps it
+        index = rounded.astype(np.intp)
+    # The remainder r, with exp(original z) = exp(-rounded / 128) * exp(r).
+    np.subtract(rounded, z, out=z)
+    z *= 1.0 / _EXP_STEPS
+    poly = z * (1.0 / 120.0)
+    for coefficient in (1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0):
+        poly += coefficient
+        poly *= z
+    poly += 1.0
+    np.take(_EXP_TABLE, index, out=z, mode="clip")
+    z *= poly
+    return z
+
+
+def _log_terms_numpy(
+    tile: np.ndarray,
+    codes: np.ndarray,
+    means: np.ndarray,
+    scales: np.ndarray,
+    log_coef: np.ndarray,
+    own: np.ndarray,
+    total: np.ndarray,
+) -> None:
+    """What ``_kernel.log_terms`` computes, in numpy, with the same bits.
+
+    ``own`` gets log(pi_y N_y) less the largest log(pi_c N_c) over classes,
+    ``total`` the sum over classes of exp of the same differences.
+    """
+    rows = tile.shape[0]
+    z = np.subtract(tile[None], means[:, None, :])
+    z *= scales[:, None, :]
+    np.square(z, out=z)
+    np.subtract(log_coef[:, None, :], z, out=z)
+    peak = np.max(z, axis=0)
+    z -= peak
+    own[...] = z[codes, np.arange(rows)]
+    np.sum(_exp_negligible_to_zero(z), axis=0, out=total)
+
+
 def _score_tiles(
     projections: np.ndarray,
     codes: np.ndarray,
@@ -228,45 +294,36 @@ def _score_tiles(
     columns: np.ndarray | None,
 ) -> None:
     n_samples, n_directions = projections.shape
-    n_classes = params.means.shape[0]
-    means = params.means[:, None, :]
-    scales = (np.sqrt(0.5) / params.stds)[:, None, :]
-    log_coef = (params.log_prior[:, None] - np.log(params.stds))[:, None, :]
-    # Every temporary lives in a buffer reused across tiles: fresh arrays
-    # cost page faults comparable to the arithmetic, and more so on Dask
-    # workers, whose nanny makes malloc hand freed memory back at once.
-    z_buffer = np.empty((n_classes, step, n_directions))
-    peak_buffer = np.empty((step, n_directions))
+    projections = np.ascontiguousarray(projections, dtype=np.float64)
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    means = np.ascontiguousarray(params.means, dtype=np.float64)
+    scales = np.sqrt(0.5) / params.stds
+    log_coef = params.log_prior[:, None] - np.log(params.stds)
+    # Buffers reused across tiles: fresh arrays cost page faults comparable
+    # to the arithmetic, and more so on Dask workers, whose nanny makes
+    # malloc hand freed memory back at once.
     pmi_buffer = np.empty((step, n_directions))
-    flat = z_buffer.reshape(n_classes * step, n_directions)
+    total_buffer = np.empty((step, n_directions))
     for start in range(0, n_samples, step):
         stop = min(start + step, n_samples)
         rows = stop - start
         tile_codes = codes[start:stop]
-        z = z_buffer[:, :rows]
-        peak = peak_buffer[:rows]
         pmi = pmi_buffer[:rows]
-        # z[c] = log pi_c + log N(t; mu_c, sigma_c) + log sqrt(2 pi)
-        np.subtract(projections[None, start:stop, :], means, out=z)
-        z *= scales
-        np.square(z, out=z)
-        np.subtract(log_coef, z, out=z)
-        np.max(z, axis=0, out=peak)
-        z -= peak
-        # The own class's term of each row, gathered from the flat buffer.
-        np.take(flat, tile_codes * step + np.arange(rows), axis=0, out=pmi, mode="clip")
-        # Terms below exp(-50) cannot change a sum that holds a 1, and np.exp
-        # is up to three times slower on large negative arguments.
-        np.maximum(z, _NEGLIGIBLE, out=z)
-        np.exp(z, out=z)
-        np.sum(z, axis=0, out=peak)
-        np.log(peak, out=peak)
-        pmi -= peak
+        total = total_buffer[:rows]
+        args = (projections[start:stop], tile_codes, means, scales, log_coef)
+        if _kernel is not None:
+            _kernel.log_terms(
+                *args, _EXP_TABLE, pmi, total, rows, n_directions, len(means)
+            )
+        else:
+            _log_terms_numpy(*args, pmi, total)
+        np.log(total, out=total)
+        pmi -= total
         pmi -= params.log_prior[tile_codes][:, None]
         tile_mean = pmi.mean(axis=1)
         mean[start:stop] = tile_mean
-        np.subtract(pmi, tile_mean[:, None], out=peak)
-        np.square(peak, out=peak)
-        m2[start:stop] = peak.sum(axis=1)
+        np.subtract(pmi, tile_mean[:, None], out=total)
+        np.square(total, out=total)
+        m2[start:stop] = total.sum(axis=1)
         if columns is not None:
             columns[start:stop] = pmi
