@@ -45,16 +45,22 @@ _SCORE_TILE_BYTES = 1 << 20
 # exp(-50) is 2e-22: a hundred such terms still vanish beside 1 in float64.
 _NEGLIGIBLE = -50.0
 
-# exp on [-50, 0] is a table of exp(-j / 128) times a Taylor polynomial of
-# the remainder, in plain float64 arithmetic: the compiled kernel and the
-# numpy fallback give the same bits, at most 2 ulp from exp. The table comes
-# from the C library's exp, whatever numpy's SIMD dispatch does.
+# exp on [-50, 0] and log on [1, inf) are tables and Taylor polynomials in
+# plain float64 arithmetic: the compiled kernel and the numpy fallback give
+# the same bits, within 2 ulp of the C library's exp and log, which also fill
+# the tables (so that numpy's SIMD dispatch cannot change them).
 _EXP_STEPS = 128
 _EXP_TABLE = np.array(
     [math.exp(-j / _EXP_STEPS) for j in range(int(-_NEGLIGIBLE) * _EXP_STEPS + 1)]
 )
 # Adding and subtracting 1.5 * 2**52 rounds a float64 to the nearest integer.
 _ROUNDING_SHIFT = 1.5 * 2.0**52
+# The mantissa in [1, 2) falls in one of 128 cells around c_j.
+_LOG_CELLS = 128
+_LOG_CENTRES = 1.0 + (np.arange(_LOG_CELLS) + 0.5) / _LOG_CELLS
+_LOG_TABLE = np.concatenate([1.0 / _LOG_CENTRES, [math.log(c) for c in _LOG_CENTRES]])
+_MANTISSA_BITS = np.uint64(0x000F_FFFF_FFFF_FFFF)
+_ONE_BITS = np.uint64(0x3FF0_0000_0000_0000)
 
 # Below this, squared deviations lose their digits to subnormal numbers.
 _SMALLEST_VARIANCE = 1e-280
@@ -238,7 +244,11 @@ def score(
 
 
 def _exp_negligible_to_zero(z: np.ndarray) -> np.ndarray:
-    """exp of ``z`` clamped to [-50, 0], in place, as the kernel computes it."""
+    """exp of ``z`` clamped to [-50, 0], in place, as the kernel computes it.
+
+    z = -j / 128 + r with |r| <= 1/256: exp(z) = exp(-j / 128) exp(r), the
+    latter as its Taylor polynomial of degree 5. NaN stays NaN.
+    """
     np.maximum(z, _NEGLIGIBLE, out=z)
     np.minimum(z, 0.0, out=z)
     z *= -_EXP_STEPS
@@ -246,7 +256,6 @@ def _exp_negligible_to_zero(z: np.ndarray) -> np.ndarray:
     rounded -= _ROUNDING_SHIFT
     with np.errstate(invalid="ignore"):  # NaN: the remainder keeps it
         index = rounded.astype(np.intp)
-    # The remainder r, with exp(original z) = exp(-rounded / 128) * exp(r).
     np.subtract(rounded, z, out=z)
     z *= 1.0 / _EXP_STEPS
     poly = z * (1.0 / 120.0)
@@ -259,20 +268,44 @@ def _exp_negligible_to_zero(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def _log_terms_numpy(
+def _log_at_least_one(x: np.ndarray) -> np.ndarray:
+    """log of ``x`` >= 1 (float64, C-contiguous), in place, as the kernel.
+
+    x = 2^e m with m in [1, 2) and m = c_j (1 + r), |r| < 1/256: log(x) is
+    e log 2 + log(c_j) + log1p(r), the last as its Taylor polynomial of
+    degree 6. log(1) is 0 and NaN stays NaN.
+    """
+    bits = x.view(np.uint64)
+    exponent = (bits >> np.uint64(52)).astype(np.int64) - 1023
+    cell = ((bits >> np.uint64(45)) & np.uint64(_LOG_CELLS - 1)).astype(np.intp)
+    mantissa = ((bits & _MANTISSA_BITS) | _ONE_BITS).view(np.float64)
+    centre = cell * (1.0 / _LOG_CELLS)
+    centre += 1.0 + 0.5 / _LOG_CELLS
+    r = mantissa - centre
+    r *= _LOG_TABLE[cell]
+    poly = r * (-1.0 / 6.0)
+    for coefficient in (0.2, -0.25, 1.0 / 3.0, -0.5, 1.0):
+        poly += coefficient
+        poly *= r
+    poly += _LOG_TABLE[_LOG_CELLS + cell]
+    one, nan = x == 1.0, np.isnan(x)
+    np.multiply(exponent, math.log(2.0), out=x, casting="unsafe")
+    x += poly
+    x[one] = 0.0
+    x[nan] = np.nan
+    return x
+
+
+def _pmi_numpy(
     tile: np.ndarray,
     codes: np.ndarray,
     means: np.ndarray,
     scales: np.ndarray,
     log_coef: np.ndarray,
-    own: np.ndarray,
-    total: np.ndarray,
+    log_prior: np.ndarray,
+    pmi: np.ndarray,
 ) -> None:
-    """What ``_kernel.log_terms`` computes, in numpy, with the same bits.
-
-    ``own`` gets log(pi_y N_y) less the largest log(pi_c N_c) over classes,
-    ``total`` the sum over classes of exp of the same differences.
-    """
+    """What ``_kernel.pmi_rows`` computes, in numpy, with the same bits."""
     rows = tile.shape[0]
     z = np.subtract(tile[None], means[:, None, :])
     z *= scales[:, None, :]
@@ -280,8 +313,10 @@ def _log_terms_numpy(
     np.subtract(log_coef[:, None, :], z, out=z)
     peak = np.max(z, axis=0)
     z -= peak
-    own[...] = z[codes, np.arange(rows)]
-    np.sum(_exp_negligible_to_zero(z), axis=0, out=total)
+    pmi[...] = z[codes, np.arange(rows)]
+    total = np.sum(_exp_negligible_to_zero(z), axis=0, out=peak)
+    pmi -= _log_at_least_one(total)
+    pmi -= log_prior[codes][:, None]
 
 
 def _score_tiles(
@@ -298,32 +333,37 @@ def _score_tiles(
     codes = np.ascontiguousarray(codes, dtype=np.int64)
     means = np.ascontiguousarray(params.means, dtype=np.float64)
     scales = np.sqrt(0.5) / params.stds
-    log_coef = params.log_prior[:, None] - np.log(params.stds)
+    log_prior = np.ascontiguousarray(params.log_prior, dtype=np.float64)
+    log_coef = log_prior[:, None] - np.log(params.stds)
     # Buffers reused across tiles: fresh arrays cost page faults comparable
     # to the arithmetic, and more so on Dask workers, whose nanny makes
     # malloc hand freed memory back at once.
     pmi_buffer = np.empty((step, n_directions))
-    total_buffer = np.empty((step, n_directions))
+    spread_buffer = np.empty((step, n_directions))
     for start in range(0, n_samples, step):
         stop = min(start + step, n_samples)
         rows = stop - start
         tile_codes = codes[start:stop]
         pmi = pmi_buffer[:rows]
-        total = total_buffer[:rows]
+        spread = spread_buffer[:rows]
         args = (projections[start:stop], tile_codes, means, scales, log_coef)
         if _kernel is not None:
-            _kernel.log_terms(
-                *args, _EXP_TABLE, pmi, total, rows, n_directions, len(means)
+            _kernel.pmi_rows(
+                *args,
+                log_prior,
+                _EXP_TABLE,
+                _LOG_TABLE,
+                pmi,
+                rows,
+                n_directions,
+                len(means),
             )
         else:
-            _log_terms_numpy(*args, pmi, total)
-        np.log(total, out=total)
-        pmi -= total
-        pmi -= params.log_prior[tile_codes][:, None]
+            _pmi_numpy(*args, log_prior, pmi)
         tile_mean = pmi.mean(axis=1)
         mean[start:stop] = tile_mean
-        np.subtract(pmi, tile_mean[:, None], out=total)
-        np.square(total, out=total)
-        m2[start:stop] = total.sum(axis=1)
+        np.subtract(pmi, tile_mean[:, None], out=spread)
+        np.square(spread, out=spread)
+        m2[start:stop] = spread.sum(axis=1)
         if columns is not None:
             columns[start:stop] = pmi

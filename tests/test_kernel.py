@@ -12,8 +12,10 @@ from numpy.testing import assert_array_equal
 from psmi_dask import _numerics
 from psmi_dask._numerics import (
     _EXP_TABLE,
+    _LOG_TABLE,
     _exp_negligible_to_zero,
-    _log_terms_numpy,
+    _log_at_least_one,
+    _pmi_numpy,
     class_moments,
     fit_gaussians,
     project,
@@ -46,6 +48,20 @@ def test_exp_clamps_below_minus_fifty_and_keeps_nan():
     assert got[4] == 1.0
 
 
+def test_log_is_within_two_ulp_of_the_c_library():
+    x = np.concatenate(
+        [np.linspace(1.0, 3.0, 200_001), np.geomspace(1.0, 1e300, 100_001)]
+    )
+    x = np.concatenate([x, np.nextafter(x, np.inf)])
+    expected = np.array([math.log(v) for v in x])
+    got = _log_at_least_one(x.copy())
+    # Near 1 the result is tiny and the error is counted against log(2).
+    ulp = np.abs(got - expected) / np.spacing(np.maximum(expected, math.log(2)))
+    assert ulp.max() <= 2.0
+    assert _log_at_least_one(np.array([1.0]))[0] == 0.0
+    assert np.isnan(_log_at_least_one(np.array([np.nan]))[0])
+
+
 def _problem(seed: int, n: int, n_dirs: int, n_classes: int):
     rng = np.random.default_rng(seed)
     t = rng.normal(size=(n, n_dirs)) * 3.0
@@ -56,7 +72,13 @@ def _problem(seed: int, n: int, n_dirs: int, n_classes: int):
     log_prior = np.log(rng.dirichlet(np.ones(n_classes)))
     scales = np.sqrt(0.5) / stds
     log_coef = log_prior[:, None] - np.log(stds)
-    return t, codes, means, scales, log_coef
+    return t, codes, means, scales, log_coef, log_prior
+
+
+def _kernel_pmi(args, n, n_dirs, n_classes):
+    pmi = np.empty((n, n_dirs))
+    _numerics._kernel.pmi_rows(*args, _EXP_TABLE, _LOG_TABLE, pmi, n, n_dirs, n_classes)
+    return pmi
 
 
 @needs_kernel
@@ -65,35 +87,29 @@ def _problem(seed: int, n: int, n_dirs: int, n_classes: int):
 )
 def test_kernel_gives_the_numpy_bits(seed, n, n_dirs, n_classes):
     args = _problem(seed, n, n_dirs, n_classes)
-    own, total = np.empty((n, n_dirs)), np.empty((n, n_dirs))
-    _numerics._kernel.log_terms(*args, _EXP_TABLE, own, total, n, n_dirs, n_classes)
-    own_np, total_np = np.empty((n, n_dirs)), np.empty((n, n_dirs))
-    _log_terms_numpy(*args, own_np, total_np)
-    assert_array_equal(own, own_np)
-    assert_array_equal(total, total_np)
+    expected = np.empty((n, n_dirs))
+    _pmi_numpy(*args, expected)
+    assert_array_equal(_kernel_pmi(args, n, n_dirs, n_classes), expected)
 
 
 @needs_kernel
 def test_kernel_propagates_nan():
-    t, codes, means, scales, log_coef = _problem(3, 4, 5, 3)
-    t[1, 2] = np.nan
-    own, total = np.empty((4, 5)), np.empty((4, 5))
-    _numerics._kernel.log_terms(
-        t, codes, means, scales, log_coef, _EXP_TABLE, own, total, 4, 5, 3
-    )
-    assert np.isnan(own[1, 2]) and np.isnan(total[1, 2])
-    assert np.isfinite(np.delete(own.ravel(), 7)).all()
+    args = _problem(3, 4, 5, 3)
+    args[0][1, 2] = np.nan
+    pmi = _kernel_pmi(args, 4, 5, 3)
+    assert np.isnan(pmi[1, 2])
+    assert np.isfinite(np.delete(pmi.ravel(), 7)).all()
 
 
 @needs_kernel
-def test_kernel_rejects_codes_out_of_range():
-    t, codes, means, scales, log_coef = _problem(4, 4, 5, 3)
-    codes[2] = 3
-    own, total = np.empty((4, 5)), np.empty((4, 5))
+def test_kernel_rejects_codes_out_of_range_and_short_buffers():
+    args = _problem(4, 4, 5, 3)
+    args[1][2] = 3
     with pytest.raises(ValueError, match="class code out of range"):
-        _numerics._kernel.log_terms(
-            t, codes, means, scales, log_coef, _EXP_TABLE, own, total, 4, 5, 3
-        )
+        _kernel_pmi(args, 4, 5, 3)
+    args[1][2] = 0
+    with pytest.raises(ValueError, match="means holds 120 bytes, expected 160"):
+        _kernel_pmi(args, 4, 5, 4)
 
 
 @needs_kernel
