@@ -329,7 +329,9 @@ class PSMI:
 
     # Public API.
 
-    def fit(self, X: Any, y: Any) -> PSMI:
+    def fit(
+        self, X: Any = None, y: Any = None, *, features: Any = None, labels: Any = None
+    ) -> PSMI:
         """Fit the class Gaussians along every direction.
 
         Parameters
@@ -339,32 +341,40 @@ class PSMI:
         y : array-like or dask array of shape (n_samples,)
             Class labels, of any hashable type; every class needs at least
             2 samples.
+        features, labels : array-like, optional
+            psmi 0.2.0's names for X and y, for code written for it.
 
         Returns
         -------
         self : PSMI
             The fitted estimator.
         """
+        X, y = _psmi_names("fit", X, y, features, labels)
         self._fit(X, y, with_scores=False)
         self._warn_if_not_converged()
         return self
 
-    def fit_transform(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
+    def fit_transform(
+        self, X: Any = None, y: Any = None, *, features: Any = None, labels: Any = None
+    ) -> tuple[Any, Any, Any]:
         """Fit, then return PSMI of the fitted samples.
 
         Equal to ``fit(X, y).transform(X, y)``, and faster: each block is
-        projected once for both.
+        projected once for both. Parameters as in ``fit``.
 
         Returns
         -------
         psmi_mean, psmi_std, psmi_full
             See ``transform``.
         """
+        X, y = _psmi_names("fit_transform", X, y, features, labels)
         outputs = self._fit(X, y, with_scores=True)
         self._warn_if_not_converged()
         return outputs
 
-    def transform(self, X: Any, y: Any) -> tuple[Any, Any, Any]:
+    def transform(
+        self, X: Any = None, y: Any = None, *, features: Any = None, labels: Any = None
+    ) -> tuple[Any, Any, Any]:
         """PSMI of each sample under the fitted Gaussians.
 
         Parameters
@@ -373,6 +383,8 @@ class PSMI:
             Features, with as many features as in fit.
         y : array-like or dask array of shape (n_samples,)
             Labels, each among ``classes_``.
+        features, labels : array-like, optional
+            psmi 0.2.0's names for X and y.
 
         Returns
         -------
@@ -385,6 +397,7 @@ class PSMI:
             recomputes the projections when computed (or written, for example
             with ``psmi_full.to_zarr(path)``, chunk by chunk).
         """
+        X, y = _psmi_names("transform", X, y, features, labels)
         self._check_fitted()
         features = check_features(X, self.n_features_in_, min_samples=1)
         labels = check_labels(y, features.shape[0])
@@ -863,3 +876,23 @@ def _progress_bar(params: Params, plan: Plan, rule: StoppingRule | None) -> Any:
         unit="direction",
         desc="PSMI (auto)" if rule is not None else "PSMI",
     )
+
+
+def _psmi_names(
+    method: str, X: Any, y: Any, features: Any, labels: Any
+) -> tuple[Any, Any]:
+    """X and y, given by these names or by psmi 0.2.0's, exactly once each."""
+    chosen = []
+    for name, value, alias, alias_value in (
+        ("X", X, "features", features),
+        ("y", y, "labels", labels),
+    ):
+        if value is not None and alias_value is not None:
+            raise TypeError(
+                f"{method}() got both {name} and {alias} (psmi 0.2.0's name for "
+                f"{name}); pass one of them."
+            )
+        if value is None and alias_value is None:
+            raise TypeError(f"{method}() missing {name} (or {alias}).")
+        chosen.append(alias_value if value is None else value)
+    return chosen[0], chosen[1]

@@ -274,3 +274,29 @@ def test_data_too_small_for_float64_is_an_error_not_zero():
     X, y = _mixture(18, n=100)
     with pytest.raises(ValueError, match="multiply X by a large constant"):
         PSMI(n_estimators=20, random_state=0).fit(X * 1e-158, y)
+
+
+def test_psmi_keyword_names_features_and_labels():
+    X, y = _mixture(15, n=200)
+    expected = PSMI(n_estimators=50, random_state=0).fit_transform(X, y)
+    est = PSMI(n_estimators=50, random_state=0)
+    got = est.fit_transform(features=X, labels=y)
+    for a, b in zip(got, expected):
+        assert_array_equal(a, b)
+    est = PSMI(n_estimators=50, random_state=0).fit(features=X, labels=y)
+    assert_array_equal(est.transform(features=X, labels=y)[0], expected[0])
+    assert_array_equal(est.transform(X, labels=y)[0], expected[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"X": 0, "features": 0}, r"fit\(\) got both X and features"),
+        ({"y": 0, "labels": 0, "X": 0}, r"fit\(\) got both y and labels"),
+        ({"labels": 0}, r"fit\(\) missing X \(or features\)"),
+        ({"features": 0}, r"fit\(\) missing y \(or labels\)"),
+    ],
+)
+def test_psmi_keyword_names_given_twice_or_not_at_all(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        PSMI().fit(**kwargs)
