@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
 import time
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import dask.array as da
@@ -107,6 +109,21 @@ class Plan:
 
     def size(self, block: int) -> int:
         return min(self.block_size, self.total - self.first(block))
+
+
+def _holding_blas(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Hold BLAS to one thread for the whole call, then give it back.
+
+    Each task also holds it; holding it across the call spares setting it
+    and giving it back between tasks.
+    """
+
+    @functools.wraps(method)
+    def held(*args: Any, **kwargs: Any) -> Any:
+        with single_threaded_blas():
+            return method(*args, **kwargs)
+
+    return held
 
 
 class PSMI:
@@ -329,6 +346,7 @@ class PSMI:
 
     # Public API.
 
+    @_holding_blas
     def fit(
         self, X: Any = None, y: Any = None, *, features: Any = None, labels: Any = None
     ) -> PSMI:
@@ -354,6 +372,7 @@ class PSMI:
         self._warn_if_not_converged()
         return self
 
+    @_holding_blas
     def fit_transform(
         self, X: Any = None, y: Any = None, *, features: Any = None, labels: Any = None
     ) -> tuple[Any, Any, Any]:
@@ -372,6 +391,7 @@ class PSMI:
         self._warn_if_not_converged()
         return outputs
 
+    @_holding_blas
     def transform(
         self, X: Any = None, y: Any = None, *, features: Any = None, labels: Any = None
     ) -> tuple[Any, Any, Any]:
@@ -475,7 +495,8 @@ class PSMI:
     def _warn_if_not_converged(self) -> None:
         message = self.__dict__.pop("_convergence_warning", None)
         if message is not None:
-            warnings.warn(message, ConvergenceWarning, stacklevel=3)
+            # Past this method, fit (or fit_transform) and its BLAS wrapper.
+            warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
     def _check_fitted(self) -> None:
         if not self.fitted:
@@ -520,17 +541,23 @@ class PSMI:
             cap = min(cap, available)
         n_blocks = cap // params.block_size
         if params.milestone * n_blocks < 1:
+            given = available is not None and available < params.max_n_estimators
             what = (
                 f"the {available} directions given"
-                if available is not None and available < params.max_n_estimators
+                if given
                 else f"max_n_estimators={params.max_n_estimators}"
+            )
+            fix = (
+                "give more directions, lower min_n_estimators, or set n_estimators "
+                "to use them all in fixed mode"
+                if given
+                else "raise max_n_estimators or milestone"
             )
             raise ValueError(
                 f"In auto mode the stopping rule needs floor(k * milestone) >= 1 "
                 f"after k blocks, but {what} allow only {n_blocks} block(s) of "
                 f"min_n_estimators={params.block_size} with milestone="
-                f"{params.milestone}; raise max_n_estimators (or give more "
-                "directions), or raise milestone."
+                f"{params.milestone}; {fix}."
             )
         return Plan(n_blocks * params.block_size, params.block_size)
 
@@ -699,6 +726,15 @@ class PSMI:
             np.concatenate([f.params.means for f in fits], axis=1) + shift
         )
         self.projection_stds_ = np.concatenate([f.params.stds for f in fits], axis=1)
+        # The model reads its blocks, not these: writing into them would
+        # change nothing, so they refuse writes.
+        for fitted in (
+            self.directions_,
+            self.class_prior_,
+            self.projection_means_,
+            self.projection_stds_,
+        ):
+            fitted.flags.writeable = False
         self.n_features_in_ = directions.shape[1]
         self.n_blocks_ = len(fits)
         self.history_ = [record.as_dict() for record in history]
@@ -760,13 +796,13 @@ class PSMI:
     ) -> tuple[Any, Any, Any]:
         moments = accumulator.moments()
         mean = np.concatenate([m.mean for m in moments])
-        std = np.sqrt(np.concatenate([m.m2 for m in moments]) / moments[0].count)
+        with np.errstate(over="ignore", invalid="ignore"):
+            std = np.sqrt(np.concatenate([m.m2 for m in moments]) / moments[0].count)
+        _raise_if_overflowed(features, mean, std)
         if not is_dask:
             if sink is not None:
                 return mean, std, sink.array
             return mean, std, self._gather_columns(accumulator, data)
-        if np.isnan(mean).any():
-            raise_if_not_finite(features)
         backend = accumulator.backend
         full = self._lazy_full(features, codes, rows, backend)
         return (
@@ -845,6 +881,22 @@ def _reference_sample(features: Any) -> np.ndarray:
     if isinstance(first, da.Array):
         first = first.compute()
     return np.asarray(first, dtype=np.float64)
+
+
+def _raise_if_overflowed(features: Any, mean: np.ndarray, std: np.ndarray) -> None:
+    """A clear error for outputs that left float64, never a silent NaN."""
+    bad = ~(np.isfinite(mean) & np.isfinite(std))
+    if not bad.any():
+        return
+    raise_if_not_finite(features)
+    count, row = int(bad.sum()), int(np.argmax(bad))
+    raise ValueError(
+        f"PSMI of {count} sample{'s' if count > 1 else ''} overflows float64 (the "
+        f"first is row {row}): they lie so far from every class, in units of "
+        "the class spreads, that their log-densities leave the float64 range. "
+        "Such rows are far outside the data the estimator was fitted on; check "
+        "their scale and units."
+    )
 
 
 def _check_block_finite(fit: BlockFit, features: Any) -> None:

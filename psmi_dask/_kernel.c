@@ -168,7 +168,17 @@ pmi_rows(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     double *scratch = NULL;
-    if (rows < 0 || b < 0 || c < 1 || check_size(&t, rows * b, "projections") ||
+    /* Sizes first, so that the products below cannot overflow. */
+    Py_ssize_t most = PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(double) / 2;
+    if (rows < 0 || b < 0 || c < 1 || rows > most || b > most || c > most ||
+        (b > 0 && (rows > most / b || c + 1 > most / b))) {
+        PyErr_Format(PyExc_ValueError,
+                     "pmi_rows: needs rows >= 0, n_directions >= 0 and n_classes "
+                     ">= 1 of sizes that fit in memory, got %zd, %zd and %zd",
+                     rows, b, c);
+        goto done;
+    }
+    if (check_size(&t, rows * b, "projections") ||
         check_size(&pmi, rows * b, "pmi") || check_size(&codes, rows, "codes") ||
         check_size(&means, c * b, "means") || check_size(&scales, c * b, "scales") ||
         check_size(&log_coef, c * b, "log_coef") ||

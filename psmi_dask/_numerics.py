@@ -47,8 +47,10 @@ _NEGLIGIBLE = -50.0
 
 # exp on [-50, 0] and log on [1, inf) are tables and Taylor polynomials in
 # plain float64 arithmetic: the compiled kernel and the numpy fallback give
-# the same bits, within 2 ulp of the C library's exp and log, which also fill
-# the tables (so that numpy's SIMD dispatch cannot change them).
+# the same bits. exp is within 2 ulp of the C library's; log within 2 ulp of
+# max(log x, log 2), an absolute error below 3e-16 near 1 (log is only taken
+# of sums of at least 1, then subtracted). The C library fills the tables,
+# so that numpy's SIMD dispatch cannot change them.
 _EXP_STEPS = 128
 _EXP_TABLE = np.array(
     [math.exp(-j / _EXP_STEPS) for j in range(int(-_NEGLIGIBLE) * _EXP_STEPS + 1)]
@@ -191,7 +193,11 @@ def fit_gaussians(moments: ClassMoments, var_floor: float) -> GaussianParams:
     total_mean = (prior[:, None] * moments.means).sum(axis=0)
     between = np.square(moments.means - total_mean)
     total_var = (prior[:, None] * (variances + between)).sum(axis=0)
-    if np.any((total_var > 0) & (total_var < _SMALLEST_VARIANCE)):
+    # A variance that underflowed to 0 while the class means are not 0 is
+    # data too small for float64, not constant data (whose projections are
+    # exactly 0 after the offset is subtracted).
+    moved = np.any(moments.means != 0, axis=0)
+    if np.any((total_var < _SMALLEST_VARIANCE) & ((total_var > 0) | moved)):
         raise ValueError(
             "X varies too little for float64 along some directions (variance "
             f"below {_SMALLEST_VARIANCE:g}); multiply X by a large constant, "
@@ -236,8 +242,9 @@ def score(
     mean = np.empty(n_samples)
     m2 = np.empty(n_samples)
     step = _tile_rows(n_classes, n_directions)
-    # Non-finite input gives NaN here; the caller reports it, with where.
-    with np.errstate(invalid="ignore"):
+    # Non-finite input gives NaN here, and rows far beyond every class give
+    # pmi whose squares overflow; the caller reports both, with where.
+    with np.errstate(invalid="ignore", over="ignore"):
         target = out if out is not None else columns
         _score_tiles(projections, codes, params, step, mean, m2, target)
     return SampleMoments(n_directions, mean, m2), columns
@@ -335,6 +342,12 @@ def _score_tiles(
     scales = np.sqrt(0.5) / params.stds
     log_prior = np.ascontiguousarray(params.log_prior, dtype=np.float64)
     log_coef = log_prior[:, None] - np.log(params.stds)
+    # Where every class has the same Gaussian, pmi is exactly 0; rounding in
+    # the log-sum-exp would leave about 1e-16 instead.
+    alike = np.all(params.means == params.means[:1], axis=0) & np.all(
+        params.stds == params.stds[:1], axis=0
+    )
+    alike_columns = np.flatnonzero(alike) if alike.any() else None
     # Buffers reused across tiles: fresh arrays cost page faults comparable
     # to the arithmetic, and more so on Dask workers, whose nanny makes
     # malloc hand freed memory back at once.
@@ -360,6 +373,8 @@ def _score_tiles(
             )
         else:
             _pmi_numpy(*args, log_prior, pmi)
+        if alike_columns is not None:
+            pmi[:, alike_columns] = 0.0
         tile_mean = pmi.mean(axis=1)
         mean[start:stop] = tile_mean
         np.subtract(pmi, tile_mean[:, None], out=spread)

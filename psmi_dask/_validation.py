@@ -79,7 +79,8 @@ def _check_directions(value: Any) -> str | np.ndarray:
                 f"got {value!r}."
             )
         return value
-    rows = np.asarray(value, dtype=np.float64)
+    # A copy: the fitted state must not change when the user's array does.
+    rows = np.array(value, dtype=np.float64, order="C")
     if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
         raise ValueError(
             "directions must be an array of shape (n_directions, n_features), "
@@ -94,7 +95,7 @@ def _check_directions(value: Any) -> str | np.ndarray:
             "directions must have unit rows (norm 1 within 1e-6), but row "
             f"{worst} has norm {norms[worst]:.6g}; divide each row by its norm."
         )
-    return np.ascontiguousarray(rows)
+    return rows
 
 
 def check_params(estimator: Any) -> Params:
@@ -157,6 +158,28 @@ def _boolean(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def _as_feature_array(X: Any) -> np.ndarray:
+    """X as a numpy array, refusing what would lose data on the way."""
+    if hasattr(X, "tocsr") or hasattr(X, "todense"):
+        raise TypeError(
+            f"X is a sparse matrix ({type(X).__name__}), which PSMI does not take: "
+            "its projections are dense; pass X.toarray(), or a dask array for "
+            "data larger than memory."
+        )
+    if isinstance(X, np.ma.MaskedArray):
+        raise TypeError(
+            "X is a masked array, and PSMI would ignore its mask: fill the masked "
+            "values (X.filled(value)) or drop those rows first."
+        )
+    try:
+        return np.asarray(X)
+    except ValueError as error:  # ragged nested lists, for example
+        raise ValueError(
+            f"X must be a 2-D array of shape (n_samples, n_features), got "
+            f"{type(X).__name__} that numpy cannot make one of ({error})."
+        ) from None
+
+
 def check_features(X: Any, n_features: int | None = None, min_samples: int = 2) -> Any:
     """Check X: 2-D, numeric, known chunk sizes; numpy or dask.
 
@@ -175,7 +198,7 @@ def check_features(X: Any, n_features: int | None = None, min_samples: int = 2) 
             )
         features: Any = X
     else:
-        features = np.asarray(X)
+        features = _as_feature_array(X)
         if features.dtype == object:
             try:
                 features = features.astype(np.float64)
@@ -253,18 +276,35 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
             f"X and y must have the same number of samples, got X with {n_samples} "
             f"rows and y with {labels.shape[0]} labels."
         )
-    if labels.dtype.kind == "f" and np.isnan(labels).any():
+    missing = _missing(labels)
+    if missing:
         raise ValueError(
-            f"y must not contain NaN, got {int(np.isnan(labels).sum())} NaN labels."
+            f"y must not contain missing labels (NaN or None), got {missing}; drop "
+            "those samples or give them a label."
         )
     return labels
+
+
+def _missing(labels: np.ndarray) -> int:
+    """How many labels are NaN, or None or NaN among objects."""
+    if labels.dtype.kind == "f":
+        return int(np.isnan(labels).sum())
+    if labels.dtype != object:
+        return 0
+    return sum(
+        1
+        for label in labels.tolist()
+        if label is None
+        or (isinstance(label, (float, np.floating)) and math.isnan(label))
+    )
 
 
 def _as_label_array(y: Any) -> np.ndarray:
     """A 1-D array of labels; a list keeps each label whole and its type."""
     if not isinstance(y, (list, tuple)):
         return np.asarray(y)
-    types = {type(label) for label in y}
+    # None is a missing label, reported as such by the caller.
+    types = {type(label) for label in y} - {type(None)}
     if len(types) > 1 and not all(issubclass(t, Number) for t in types):
         names = ", ".join(sorted(t.__name__ for t in types))
         raise TypeError(

@@ -300,3 +300,56 @@ def test_psmi_keyword_names_features_and_labels():
 def test_psmi_keyword_names_given_twice_or_not_at_all(kwargs, message):
     with pytest.raises(TypeError, match=message):
         PSMI().fit(**kwargs)
+
+
+def test_fitted_model_does_not_follow_later_changes_to_given_directions():
+    X, y = _mixture(16, n=300)
+    rng = np.random.default_rng(16)
+    D = rng.normal(size=(50, X.shape[1]))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    est = PSMI(n_estimators=50, directions=D).fit(X, y)
+    expected = est.transform(X, y)[0]
+    D[:] = np.roll(D, 1, axis=1)
+    assert not np.shares_memory(est.directions_, D)
+    assert_array_equal(est.transform(X, y)[0], expected)
+
+
+def _blas_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    return [
+        info["num_threads"]
+        for info in threadpoolctl.threadpool_info()
+        if info["user_api"] == "blas"
+    ]
+
+
+def test_the_users_blas_threads_come_back_after_fit_and_transform():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    X, y = _mixture(17, n=300)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        if not before or max(before) < 2:
+            pytest.skip("BLAS runs one thread here anyway")
+        est = PSMI(n_estimators=60, random_state=0).fit(X, y)
+        assert _blas_threads() == before
+        est.transform(X, y)
+        assert _blas_threads() == before
+        X_dask = da.from_array(X, chunks=100)
+        full = PSMI(n_estimators=60, random_state=0).fit_transform(X_dask, y)[2]
+        full.compute()
+        assert _blas_threads() == before
+
+
+def test_fitted_arrays_and_psmi_aliases_refuse_writes():
+    X, y = _mixture(18, n=200)
+    est = PSMI(n_estimators=20, random_state=0).fit(X, y)
+    for values in (
+        est.directions_,
+        est.thetas,
+        est.projection_means_,
+        est.projection_stds_,
+        est.class_prior_,
+        next(iter(est.mean_per_label.values())),
+    ):
+        with pytest.raises(ValueError, match="read-only"):
+            values[0] = 1.0

@@ -110,6 +110,13 @@ def test_kernel_rejects_codes_out_of_range_and_short_buffers():
     args[1][2] = 0
     with pytest.raises(ValueError, match="means holds 120 bytes, expected 160"):
         _kernel_pmi(args, 4, 5, 4)
+    with pytest.raises(ValueError, match="n_classes >= 1"):
+        _kernel_pmi(args, 4, 5, 0)
+    empty = np.empty(0)
+    with pytest.raises(ValueError, match="of sizes that fit in memory"):
+        _numerics._kernel.pmi_rows(
+            empty, args[1][:0], *args[2:], _EXP_TABLE, _LOG_TABLE, empty, 2**61, 8, 3
+        )
 
 
 @needs_kernel

@@ -114,3 +114,33 @@ def test_constant_features_give_exactly_zero():
     assert_array_equal(full, 0.0)
     mean_new, _, _ = est.transform(X + 3.0, y)
     assert_array_equal(mean_new, 0.0)
+
+
+@pytest.mark.parametrize("scale", [1e-155, 1e-170, 1e-300, 5e-324])
+def test_data_too_small_for_float64_is_refused_not_taken_as_constant(scale):
+    X, y = _mixture(8, n=300, d=5)
+    with pytest.raises(ValueError, match="X varies too little for float64"):
+        PSMI(n_estimators=20, random_state=0).fit(X * scale, y)
+
+
+@pytest.mark.parametrize("value", [3.7, 0.0, -0.0])
+def test_identical_rows_give_exactly_zero_with_several_classes(value):
+    X = np.full((30, 4), value)
+    y = np.r_[[0] * 10, [1] * 15, [2] * 5]
+    mean, std, full = PSMI(n_estimators=20, random_state=0).fit_transform(X, y)
+    assert_array_equal(full, 0.0)
+    assert_array_equal(mean, 0.0)
+    assert_array_equal(std, 0.0)
+
+
+@pytest.mark.parametrize("scale", [1e100, 1e154, 1e160, 1e300])
+@pytest.mark.parametrize("kind", ["numpy", "dask"])
+def test_transform_of_rows_far_beyond_the_fit_is_a_clear_error(scale, kind):
+    import dask.array as da
+
+    X, y = _mixture(9, n=300, d=5)
+    est = PSMI(n_estimators=20, random_state=0).fit(X, y)
+    far = X[:3] * scale
+    far = da.from_array(far) if kind == "dask" else far
+    with pytest.raises(ValueError, match=r"PSMI of 3 samples overflows float64"):
+        est.transform(far, y[:3])

@@ -221,9 +221,9 @@ def test_labels_unseen_at_fit_raise_naming_them(
     "y",
     [
         np.array([1, "a"] * 20, dtype=object),
-        np.array([1.5, None] * 20, dtype=object),
+        np.array([1.5, "b"] * 20, dtype=object),
     ],
-    ids=["int and str", "float and None"],
+    ids=["int and str", "float and str"],
 )
 @pytest.mark.parametrize("method", ["fit", "transform"])
 def test_mixed_unsortable_label_types_raise_type_error(method, y):
@@ -245,11 +245,23 @@ def test_mixed_label_types_in_a_list_raise_type_error():
         PSMI(n_estimators=10).fit(X, [1, "a"] * 20)
 
 
-def test_nan_labels_raise():
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.where(np.arange(40) % 2, np.nan, 1.0),
+        np.array([np.nan, 1.0] * 20, dtype=object),
+        np.array([np.float32("nan"), "a"] * 20, dtype=object),
+        [None, 1] * 20,
+        [None, "a"] * 20,
+    ],
+)
+def test_missing_labels_raise(labels):
     X, _ = _data()
 
-    with pytest.raises(ValueError, match="y must not contain NaN, got 20 NaN labels"):
-        PSMI(n_estimators=10).fit(X, np.where(np.arange(40) % 2, np.nan, 1.0))
+    with pytest.raises(
+        ValueError, match=r"y must not contain missing labels \(NaN or None\), got 20"
+    ):
+        PSMI(n_estimators=10).fit(X, labels)
 
 
 # Not fitted
@@ -386,3 +398,15 @@ def test_parameters_are_checked_at_fit_not_at_init():
 def test_set_params_with_an_unknown_name_raises():
     with pytest.raises(ValueError, match="Invalid parameter 'n_directions' for PSMI"):
         PSMI().set_params(n_directions=10)
+
+
+def test_ragged_sparse_and_masked_features_are_refused_by_name():
+    _, y = _data()
+    with pytest.raises(ValueError, match="X must be a 2-D array .* got list"):
+        PSMI(n_estimators=5).fit([[1.0, 2.0], [3.0]], [0, 1])
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    X, _ = _data()
+    with pytest.raises(TypeError, match=r"X is a sparse matrix .*X\.toarray\(\)"):
+        PSMI(n_estimators=5).fit(scipy_sparse.csr_matrix(X), y)
+    with pytest.raises(TypeError, match=r"X is a masked array"):
+        PSMI(n_estimators=5).fit(np.ma.masked_array(X, mask=X > 1), y)
