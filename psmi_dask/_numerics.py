@@ -64,6 +64,9 @@ _LOG_TABLE = np.concatenate([1.0 / _LOG_CENTRES, [math.log(c) for c in _LOG_CENT
 _MANTISSA_BITS = np.uint64(0x000F_FFFF_FFFF_FFFF)
 _ONE_BITS = np.uint64(0x3FF0_0000_0000_0000)
 
+# Projections are computed in whole tiles of this many rows (see project).
+_PROJECTION_ROWS = 16
+
 # Below this, squared deviations lose their digits to subnormal numbers.
 _SMALLEST_VARIANCE = 1e-280
 
@@ -121,10 +124,18 @@ def project(
     conditioned, and makes every projection of a constant feature exactly
     zero, so that a constant input gives PSMI exactly 0.
     """
-    centred = np.subtract(chunk, offset, dtype=np.float64)
+    # BLAS rounds the last rows of an odd-sized product differently: padded
+    # to a multiple of 16 rows, each sample's projections have the same bits
+    # whichever other samples share its chunk.
+    rows = chunk.shape[0]
+    centred = np.empty(
+        (-(-rows // _PROJECTION_ROWS) * _PROJECTION_ROWS, chunk.shape[1])
+    )
+    np.subtract(chunk, offset, out=centred[:rows], dtype=np.float64)
+    centred[rows:] = 0.0
     # Overflow gives inf, which the caller reports with advice.
     with np.errstate(over="ignore", invalid="ignore"):
-        return centred @ directions.T
+        return (centred @ directions.T)[:rows]
 
 
 def class_moments(

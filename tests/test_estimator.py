@@ -353,3 +353,22 @@ def test_fitted_arrays_and_psmi_aliases_refuse_writes():
     ):
         with pytest.raises(ValueError, match="read-only"):
             values[0] = 1.0
+
+
+@pytest.mark.parametrize(
+    "rows", [slice(5, 6), slice(0, 7), slice(3, 40), slice(999, 2000)]
+)
+def test_a_samples_outputs_do_not_depend_on_the_samples_beside_it(rows):
+    rng = np.random.default_rng(19)
+    y = rng.integers(4, size=3000)
+    X = rng.normal(size=(3000, 64)) + 0.3 * y[:, None]
+    est = PSMI(n_estimators=600, random_state=7).fit(X, y)
+    everything = est.transform(X, y)
+    alone = est.transform(X[rows], y[rows])
+    for part, whole in zip(alone, everything):
+        assert_array_equal(part, whole[rows])
+    chunked = PSMI(n_estimators=600, random_state=7, chunk_size=7).fit(X, y)
+    assert_array_equal(
+        chunked.set_params(chunk_size=1000).transform(X[rows], y[rows])[2],
+        chunked.transform(X, y)[2][rows],
+    )
