@@ -69,8 +69,11 @@ class DistributedBackend:
 
     def submit(self, graphs: Sequence[Any]) -> Any:
         head, per_chunk = graphs
-        futures = self.client.compute([head, *per_chunk])
-        return futures
+        # A new scheduler generation per block, so that blocks run in the
+        # order they were submitted: block b finishes first instead of all
+        # blocks in flight finishing together, and the next one is submitted
+        # while a thread still has work.
+        return self.client.compute([head, *per_chunk], fifo_timeout=0)
 
     def wait(self, handle: Any) -> Any:
         return handle[0].result(), handle[1:]
