@@ -47,6 +47,9 @@ class ChunkedData:
     ``features`` and ``codes`` hold one reference per chunk: a Delayed, a
     distributed Future or a numpy array. ``offset`` is the reference
     sample subtracted before projecting (see ``_numerics.project``).
+    ``ranges``, when set, splits the chunks into contiguous runs
+    ``[first, stop)`` whose data sits on one worker, so that one task per
+    run can do the work of its chunks without moving them.
     """
 
     features: Sequence[Any]
@@ -55,6 +58,7 @@ class ChunkedData:
     sizes: Sequence[int]
     offset: Any
     n_features: int
+    ranges: Sequence[tuple[int, int]] | None = None
 
     @property
     def n_samples(self) -> int:
@@ -228,6 +232,55 @@ def _whole_block(
     return (fit, *scores)
 
 
+def _range_moments(
+    chunks: list[np.ndarray],
+    codes: list[np.ndarray],
+    offset: np.ndarray,
+    directions: np.ndarray,
+    n_classes: int,
+) -> list[ClassMoments]:
+    """The moments of each chunk of a run, unmerged: merging follows the tree
+    over every chunk, which no run sees whole."""
+    return [
+        _chunk_moments(chunk, c, offset, directions, n_classes)
+        for chunk, c in zip(chunks, codes)
+    ]
+
+
+def _finish_ranges(
+    parts: list[list[ClassMoments]], directions: np.ndarray, var_floor: float
+) -> BlockFit:
+    moments = [m for part in parts for m in part]
+    return _finish_fit(tree_reduce(moments, merge_class_moments), directions, var_floor)
+
+
+def _fit_ranges(
+    data: ChunkedData,
+    ranges: Sequence[tuple[int, int]],
+    directions: Any,
+    n_classes: int,
+    var_floor: float,
+) -> Any:
+    """A fit without scores in one task per run of chunks and one to merge.
+
+    A chunk's moments take a few hundred kilobytes against megabytes for its
+    features, so the runs send them whole and the merge is the same tree,
+    in the same order, as with one task per chunk: identical bits.
+    """
+    task = delayed(pure=False)
+    parts = [
+        task(_range_moments)(
+            list(data.features[first:stop]),
+            list(data.codes[first:stop]),
+            data.offset,
+            directions,
+            n_classes,
+        )
+        for first, stop in ranges
+    ]
+    return task(_finish_ranges)(parts, directions, var_floor)
+
+
 def fit_block(
     data: ChunkedData,
     directions: Any,
@@ -244,14 +297,18 @@ def fit_block(
     projection is shared by the moments and the scores; otherwise each is
     projected twice, so that no worker holds a block's projections of every
     chunk at once. With ``whole``, for small data, the block is one task
-    that does the same per chunk: the cost of a task is then paid once. All
-    three give identical bits.
+    that does the same per chunk: the cost of a task is then paid once.
+    Without scores, on data placed in ``ranges``, one task per range does
+    the work of its chunks. All give identical bits.
 
     Returns
     -------
     fit : Delayed of BlockFit
     scores : list of Delayed of (SampleMoments, columns or None), per chunk
     """
+    if not with_scores and data.ranges is not None:
+        fit = _fit_ranges(data, data.ranges, directions, n_classes, var_floor)
+        return fit, []
     # Unique keys without hashing the arguments: a block is never shared.
     task = delayed(pure=False)
     if whole:

@@ -588,6 +588,7 @@ class PSMI:
         offset = _reference_sample(features)
 
         def fit_on(backend: Any) -> Any:
+            directions = _early_directions(backend, source, plan, in_flight)
             data = place(backend, features, codes, rows, offset)
             # In auto mode the number of columns is known only at the end.
             sink = _sink(backend, keep_columns and not auto, n_samples, plan.total)
@@ -600,7 +601,7 @@ class PSMI:
             fits, history = self._run_fit(
                 backend,
                 data,
-                source,
+                directions,
                 plan,
                 classes.shape[0],
                 params,
@@ -624,7 +625,7 @@ class PSMI:
         self,
         backend: Any,
         data: ChunkedData,
-        source: DirectionSource,
+        directions: Callable[[int], Any],
         plan: Plan,
         n_classes: int,
         params: Params,
@@ -641,10 +642,9 @@ class PSMI:
         bar = _progress_bar(params, plan, rule)
 
         def build(block: int) -> tuple[Any, list[Any]]:
-            directions = block_directions(source, block, plan.size(block))
             return fit_block(
                 data,
-                directions,
+                directions(block),
                 n_classes,
                 params.var_floor,
                 with_scores=accumulator is not None,
@@ -874,6 +874,29 @@ def _sink(
     if wanted and isinstance(backend, LocalBackend):
         return ColumnSink(n_samples, n_directions)
     return None
+
+
+def _early_directions(
+    backend: Any, source: DirectionSource, plan: Plan, in_flight: int
+) -> Callable[[int], Any]:
+    """The directions of each block, those of the first blocks started now.
+
+    Directions do not need X: on a cluster, the workers draw those of the
+    blocks submitted first while X is being scattered to them.
+    """
+    early = {
+        block: backend.start(block_directions(source, block, plan.size(block)))
+        for block in range(min(in_flight, plan.n_blocks))
+    }
+
+    def directions(block: int) -> Any:
+        # Popped: once its block is submitted, the scheduler keeps the
+        # directions as long as the block needs them, and not longer.
+        if block in early:
+            return early.pop(block)
+        return block_directions(source, block, plan.size(block))
+
+    return directions
 
 
 def _reference_sample(features: Any) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Where the work runs, and how the data gets there.
 
 With a distributed client (the current one, as dask-ml's estimators find
-it), blocks run on its workers: numpy features are scattered once, chunk by
-chunk, and dask features are persisted when they fit in the workers'
-memory, so no block's graph carries the data. Without a client, blocks run
+it), blocks run on its workers: numpy features are scattered once, in runs
+of chunks, one run per worker thread, and dask features are persisted when
+they fit in the workers' memory, so no block's graph carries the data. Without a client, blocks run
 on Dask's threaded scheduler in this process and chunks are views.
 """
 
@@ -24,6 +24,7 @@ __all__ = [
     "DistributedBackend",
     "SchedulerLostError",
     "backend_for",
+    "chunk_ranges",
     "current_client",
     "default_in_flight",
     "place",
@@ -69,11 +70,18 @@ class DistributedBackend:
 
     def submit(self, graphs: Sequence[Any]) -> Any:
         head, per_chunk = graphs
-        futures = self.client.compute([head, *per_chunk])
-        return futures
+        # A new scheduler generation per block, so that blocks run in the
+        # order they were submitted: block b finishes first instead of all
+        # blocks in flight finishing together, and the next one is submitted
+        # while a thread still has work.
+        return self.client.compute([head, *per_chunk], fifo_timeout=0)
 
     def wait(self, handle: Any) -> Any:
         return handle[0].result(), handle[1:]
+
+    def start(self, graph: Any) -> Any:
+        """Compute ``graph`` now; a block's graph can take the future."""
+        return self.client.compute(graph, fifo_timeout=0)
 
     def cancel(self, handle: Any) -> None:
         # Releasing, rather than Client.cancel, lets the scheduler forget
@@ -251,20 +259,102 @@ def _place_on_cluster(
     offset: np.ndarray,
 ) -> ChunkedData:
     client = backend.client
-    if isinstance(X, da.Array):
-        if X.nbytes <= _PERSIST_FRACTION * _worker_memory(client):
-            X = client.persist(X)
-            # The persisted array owns the futures of its chunks.
-            backend._futures.append(X)
-        feature_chunks: list[Any] = list(X.to_delayed().ravel())
-    else:
-        feature_chunks = client.scatter(
-            [X[s : s + n] for s, n in zip(starts, sizes)], hash=False
-        )
-        backend._futures.extend(feature_chunks)
+    if not isinstance(X, da.Array):
+        return _scatter_chunks(backend, X, code_chunks, starts, sizes, offset)
+    if X.nbytes <= _PERSIST_FRACTION * _worker_memory(client):
+        X = client.persist(X)
+        # The persisted array owns the futures of its chunks.
+        backend._futures.append(X)
+    feature_chunks: list[Any] = list(X.to_delayed().ravel())
     code_futures = client.scatter(code_chunks, hash=False)
     [offset_future] = client.scatter([offset], broadcast=True, hash=False)
     backend._futures.extend([*code_futures, offset_future])
     return ChunkedData(
         feature_chunks, code_futures, starts, sizes, offset_future, X.shape[1]
+    )
+
+
+def chunk_ranges(n_chunks: int, nthreads: dict[str, int]) -> list[tuple[str, int, int]]:
+    """Contiguous runs of chunks, one per worker thread: (worker, first, stop).
+
+    Runs differ in length by one chunk at most; threads are dealt out across
+    workers first, so that with fewer chunks than threads every worker still
+    gets a run.
+    """
+    slots = [
+        worker
+        for rank in range(max(nthreads.values()))
+        for worker in sorted(nthreads)
+        if nthreads[worker] > rank
+    ]
+    n_ranges = min(len(slots), n_chunks)
+    bounds = [i * n_chunks // n_ranges for i in range(n_ranges + 1)]
+    return [(slots[i], bounds[i], bounds[i + 1]) for i in range(n_ranges)]
+
+
+def _is_loopback(address: str) -> bool:
+    from distributed.comm import get_address_host, parse_address
+
+    if parse_address(address)[0] == "inproc":
+        return True
+    host = get_address_host(address)
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _direct(client: Any, workers: Sequence[str]) -> bool:
+    """Whether to scatter straight to the workers rather than through the
+    scheduler, which then receives and sends every byte once more.
+
+    The client's own setting wins; otherwise only on loopback addresses, the
+    one case where the workers are surely reachable from the client (a
+    cluster behind a gateway or a firewall often has them unreachable).
+    """
+    if client.direct_to_workers is not None:
+        return bool(client.direct_to_workers)
+    return all(_is_loopback(a) for a in [client.scheduler.address, *workers])
+
+
+def _scatter_chunks(
+    backend: DistributedBackend,
+    X: np.ndarray,
+    code_chunks: list[np.ndarray],
+    starts: list[int],
+    sizes: list[int],
+    offset: np.ndarray,
+) -> ChunkedData:
+    """Send each run of chunks, with its codes, to the worker that works on it.
+
+    The features and codes of a chunk then sit on the same worker, and a run
+    is one task per block with no transfer of features.
+    """
+    client = backend.client
+    ranges = chunk_ranges(len(sizes), client.nthreads())
+    workers = sorted({worker for worker, _, _ in ranges})
+    direct = _direct(client, workers)
+    n_chunks = len(sizes)
+    futures: list[Any] = [None] * (2 * n_chunks)
+    offset_future = None
+    for worker in workers:
+        ids = [i for w, a, b in ranges if w == worker for i in range(a, b)]
+        values = [X[starts[i] : starts[i] + sizes[i]] for i in ids]
+        values += [code_chunks[i] for i in ids]
+        # The offset goes once, with the first batch: a few kilobytes that
+        # the other workers fetch with their first task.
+        extra = [offset] if offset_future is None else []
+        sent = client.scatter(
+            values + extra, workers=[worker], direct=direct, hash=False
+        )
+        for i, feature, code in zip(ids, sent, sent[len(ids) :]):
+            futures[i], futures[n_chunks + i] = feature, code
+        if extra:
+            offset_future = sent[-1]
+        backend._futures.extend(sent)
+    return ChunkedData(
+        futures[:n_chunks],
+        futures[n_chunks:],
+        starts,
+        sizes,
+        offset_future,
+        X.shape[1],
+        ranges=[(a, b) for _, a, b in ranges],
     )

@@ -50,6 +50,20 @@ def reference():
     return X, y, PSMI(**KWARGS, max_n_estimators=1200).fit_transform(X, y)
 
 
+FIXED = dict(KWARGS, n_estimators=150)
+
+
+def _fitted(est):
+    return est.directions_, est.projection_means_, est.projection_stds_
+
+
+@pytest.fixture(scope="module")
+def fixed_reference():
+    """A fixed-mode fit, without scores, on the threaded scheduler."""
+    X, y = _data()
+    return _fitted(PSMI(**FIXED).fit(X, y))
+
+
 def _assert_same(got, expected):
     for a, b in zip(got, expected):
         assert_array_equal(np.asarray(a), b)
@@ -61,7 +75,9 @@ def test_utils_test_client_gives_the_threaded_bits(client, reference):  # noqa: 
 
 
 @pytest.mark.parametrize("n_workers, threads", [(1, 1), (2, 1), (1, 2)])
-def test_local_clusters_give_the_threaded_bits(reference, n_workers, threads):
+def test_local_clusters_give_the_threaded_bits(
+    reference, fixed_reference, n_workers, threads
+):
     X, y, expected = reference
     with (
         LocalCluster(
@@ -72,6 +88,7 @@ def test_local_clusters_give_the_threaded_bits(reference, n_workers, threads):
         est = PSMI(**KWARGS, max_n_estimators=1200)
         _assert_same(est.fit_transform(X, y), expected)
         _assert_same(est.transform(X, y), expected)
+        _assert_same(_fitted(PSMI(**FIXED).fit(X, y)), fixed_reference)
         _wait_no_tasks(c)
 
 
@@ -144,7 +161,9 @@ def tcp_cluster():
             process.wait(timeout=30)
 
 
-def test_separate_processes_over_tcp_give_the_threaded_bits(reference, tcp_cluster):
+def test_separate_processes_over_tcp_give_the_threaded_bits(
+    reference, fixed_reference, tcp_cluster
+):
     X, y, expected = reference
     address, _, _ = tcp_cluster
     with Client(address, timeout=30) as c:
@@ -152,6 +171,7 @@ def test_separate_processes_over_tcp_give_the_threaded_bits(reference, tcp_clust
         _assert_same(
             PSMI(**KWARGS, max_n_estimators=1200).fit_transform(X, y), expected
         )
+        _assert_same(_fitted(PSMI(**FIXED).fit(X, y)), fixed_reference)
 
 
 def _fit_in_thread(est, X, y):
