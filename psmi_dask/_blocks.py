@@ -151,7 +151,9 @@ def _chunk_moments(
     directions: np.ndarray,
     n_classes: int,
 ) -> ClassMoments:
-    return _class_moments(_project(chunk, offset, directions), codes, n_classes)
+    with single_threaded_blas():
+        projections = project(chunk, offset, directions, temporary=True)
+        return class_moments(projections, codes, n_classes)
 
 
 def _class_moments(

@@ -13,6 +13,7 @@ handled in log space, with the denominator as a log-sum-exp over classes.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -64,6 +65,8 @@ _LOG_TABLE = np.concatenate([1.0 / _LOG_CENTRES, [math.log(c) for c in _LOG_CENT
 _MANTISSA_BITS = np.uint64(0x000F_FFFF_FFFF_FFFF)
 _ONE_BITS = np.uint64(0x3FF0_0000_0000_0000)
 
+_buffers = threading.local()
+
 # Projections are computed in whole tiles of this many rows (see project).
 _PROJECTION_ROWS = 16
 
@@ -114,28 +117,49 @@ class GaussianParams:
         return self.means.shape[1]
 
 
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 buffer of this thread, kept while its shape stays the same.
+
+    Fresh multi-megabyte arrays cost page faults comparable to the
+    arithmetic on Dask workers, whose nanny makes malloc hand freed memory
+    back at once; a chunk's temporaries have the same shape chunk after
+    chunk.
+    """
+    buffer = getattr(_buffers, name, None)
+    if buffer is None or buffer.shape != shape:
+        buffer = np.empty(shape)
+        setattr(_buffers, name, buffer)
+    return buffer
+
+
 def project(
-    chunk: np.ndarray, offset: np.ndarray, directions: np.ndarray
+    chunk: np.ndarray,
+    offset: np.ndarray,
+    directions: np.ndarray,
+    temporary: bool = False,
 ) -> np.ndarray:
     """Project ``chunk - offset`` onto ``directions``, in float64.
 
     Subtracting a reference sample (``offset``) before projecting leaves
     PSMI unchanged, keeps the projections of data far from the origin well
     conditioned, and makes every projection of a constant feature exactly
-    zero, so that a constant input gives PSMI exactly 0.
+    zero, so that a constant input gives PSMI exactly 0. With ``temporary``
+    the result lives in a buffer of this thread that the next call reuses.
     """
     # BLAS rounds the last rows of an odd-sized product differently: padded
     # to a multiple of 16 rows, each sample's projections have the same bits
     # whichever other samples share its chunk.
     rows = chunk.shape[0]
-    centred = np.empty(
-        (-(-rows // _PROJECTION_ROWS) * _PROJECTION_ROWS, chunk.shape[1])
-    )
+    padded = -(-rows // _PROJECTION_ROWS) * _PROJECTION_ROWS
+    centred = _scratch("centred", (padded, chunk.shape[1]))
     np.subtract(chunk, offset, out=centred[:rows], dtype=np.float64)
     centred[rows:] = 0.0
+    shape = (padded, directions.shape[0])
+    out = _scratch("projections", shape) if temporary else np.empty(shape)
     # Overflow gives inf, which the caller reports with advice.
     with np.errstate(over="ignore", invalid="ignore"):
-        return (centred @ directions.T)[:rows]
+        np.matmul(centred, directions.T, out=out)
+    return out[:rows]
 
 
 def class_moments(
@@ -148,8 +172,11 @@ def class_moments(
     sums = one_hot @ projections
     safe = np.where(counts > 0, counts, 1.0)[:, None]
     means = sums / safe
-    deviations = projections - means[codes]
-    m2 = one_hot @ np.square(deviations)
+    deviations = _scratch("deviations", projections.shape)
+    np.take(means, codes, axis=0, out=deviations)
+    np.subtract(projections, deviations, out=deviations)
+    np.square(deviations, out=deviations)
+    m2 = one_hot @ deviations
     return ClassMoments(counts, means, m2)
 
 
