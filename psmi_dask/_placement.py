@@ -3,8 +3,9 @@
 With a distributed client (the current one, as dask-ml's estimators find
 it), blocks run on its workers: numpy features are scattered once, in runs
 of chunks, one run per worker thread, and dask features are persisted when
-they fit in the workers' memory, so no block's graph carries the data. Without a client, blocks run
-on Dask's threaded scheduler in this process and chunks are views.
+they fit in the workers' memory, so no block's graph carries the data.
+Without a client, blocks run on Dask's threaded scheduler in this process
+and chunks are views.
 """
 
 from __future__ import annotations

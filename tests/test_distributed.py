@@ -332,16 +332,15 @@ def test_c17_two_cli_runs_in_a_row_leave_no_port_warning_or_processes(tmp_path):
     assert "children 0" in run.stdout
 
 
+def _two_workers() -> LocalCluster:
+    return LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
+
+
 def test_c20_features_travel_once_without_large_graph_warnings():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(100_000, 256))  # 205 MB
     y = rng.integers(2, size=100_000)
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, dashboard_address=None
-        ) as cluster,
-        Client(cluster),
-    ):
+    with _two_workers() as cluster, Client(cluster):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -357,12 +356,7 @@ def test_dask_outputs_on_a_cluster_send_small_graphs():
     n = 1_500_000
     X = da.random.default_rng(3).standard_normal((n, 2), chunks=(250_000, 2))
     y = np.random.default_rng(3).integers(2, size=n)
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, dashboard_address=None
-        ) as cluster,
-        Client(cluster),
-    ):
+    with _two_workers() as cluster, Client(cluster):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             mean, std, full = PSMI(
