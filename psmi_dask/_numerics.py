@@ -38,8 +38,9 @@ __all__ = [
     "score",
 ]
 
-# Bytes of the (n_classes, rows, n_directions) float64 temporary in score:
-# small enough to stay in cache, large enough that numpy's per-call cost is
+# Bytes of the (n_classes, rows, n_directions) float64 temporary of the
+# numpy fallback in score, which also sets the rows of the compiled kernel's
+# tiles: small enough to stay in cache, large enough that per-call costs are
 # amortised (measured on 2-core machines, see tests/benchmarks).
 _SCORE_TILE_BYTES = 1 << 20
 
@@ -264,7 +265,9 @@ def score(
     pmi = log N(t; mu_y, sigma_y) - log sum_c pi_c N(t; mu_c, sigma_c),
     computed as a log-sum-exp with the largest term taken out, so a sample
     far from every class still gets a finite value. The 1/sqrt(2 pi)
-    constants cancel and are never computed.
+    constants cancel and are never computed. The loop over classes runs in
+    the compiled kernel when it was built, else in numpy, with the same
+    bits.
 
     Returns
     -------
