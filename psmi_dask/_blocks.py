@@ -222,7 +222,7 @@ def _whole_block(
 ) -> tuple[Any, ...]:
     """A small block in one task: the same steps, in the same order."""
     with single_threaded_blas():
-        projections = [_project(chunk, offset, directions) for chunk in chunks]
+        projections = [project(chunk, offset, directions) for chunk in chunks]
         moments = [class_moments(t, c, n_classes) for t, c in zip(projections, codes)]
     fit = _finish_fit(tree_reduce(moments, merge_class_moments), directions, var_floor)
     if not with_scores:
