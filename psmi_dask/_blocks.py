@@ -172,8 +172,10 @@ def _chunk_score(
     columns: Columns,
     start: int,
 ) -> tuple[SampleMoments, np.ndarray | None]:
-    projections = _project(chunk, offset, directions)
-    return _score_chunk(projections, codes, params, columns, start)
+    with single_threaded_blas():
+        # Scored at once and dropped: a buffer of this thread will do.
+        projections = project(chunk, offset, directions, temporary=True)
+        return _score_chunk(projections, codes, params, columns, start)
 
 
 def _finish_fit(

@@ -64,16 +64,19 @@ def _orthogonal(rng: np.random.Generator, size: int, n_features: int) -> np.ndar
     # diagonal folded into Q so that the distribution is exactly uniform
     # (Mezzadri, "How to generate random matrices from the classical compact
     # groups", 2007). A d x m Gaussian gives the first m columns of a frame.
-    frames = []
-    remaining = size
-    while remaining > 0:
-        width = min(remaining, n_features)
+    # In place where numpy allows it: on Dask workers every fresh
+    # megabyte-sized temporary costs page faults.
+    directions = np.empty((size, n_features))
+    first = 0
+    while first < size:
+        width = min(size - first, n_features)
         q, r = np.linalg.qr(rng.standard_normal((n_features, width)))
         signs = np.sign(np.diagonal(r))
         signs[signs == 0] = 1.0
-        frames.append((q * signs).T)
-        remaining -= width
-    return np.concatenate(frames, axis=0)
+        q *= signs
+        directions[first : first + width] = q.T
+        first += width
+    return directions
 
 
 def block_directions(

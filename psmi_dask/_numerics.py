@@ -119,18 +119,19 @@ class GaussianParams:
 
 
 def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float64 buffer of this thread, kept while its shape stays the same.
+    """A float64 buffer of this thread, of ``shape``, reused call after call.
 
     Fresh multi-megabyte arrays cost page faults comparable to the
     arithmetic on Dask workers, whose nanny makes malloc hand freed memory
-    back at once; a chunk's temporaries have the same shape chunk after
-    chunk.
+    back at once. The buffer only grows: the short last chunk of a run
+    takes a view of it, so that alternating shapes do not reallocate.
     """
+    size = math.prod(shape)
     buffer = getattr(_buffers, name, None)
-    if buffer is None or buffer.shape != shape:
-        buffer = np.empty(shape)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(size)
         setattr(_buffers, name, buffer)
-    return buffer
+    return buffer[:size].reshape(shape)
 
 
 def project(
@@ -174,7 +175,9 @@ def class_moments(
     safe = np.where(counts > 0, counts, 1.0)[:, None]
     means = sums / safe
     deviations = _scratch("deviations", projections.shape)
-    np.take(means, codes, axis=0, out=deviations)
+    # mode='raise' (the default) writes through a temporary of the output's
+    # size; codes are valid class indices, so clipping never changes one.
+    np.take(means, codes, axis=0, out=deviations, mode="clip")
     np.subtract(projections, deviations, out=deviations)
     np.square(deviations, out=deviations)
     m2 = one_hot @ deviations
