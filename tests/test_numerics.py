@@ -144,3 +144,78 @@ def test_transform_of_rows_far_beyond_the_fit_is_a_clear_error(scale, kind):
     far = da.from_array(far) if kind == "dask" else far
     with pytest.raises(ValueError, match=r"PSMI of 3 samples overflows float64"):
         est.transform(far, y[:3])
+
+
+def test_moments_of_chunks_of_changing_size_match_each_alone():
+    # Chunks share one growing buffer per thread: a large chunk, then a
+    # short one, then a large one again must each give the moments they
+    # give alone in a fresh process, to the bit.
+    rng = np.random.default_rng(8)
+    sizes = [700, 130, 700, 1, 900]
+    chunks = [rng.normal(size=(n, 9)) for n in sizes]
+    codes = [rng.integers(4, size=n) for n in sizes]
+    directions = rng.normal(size=(5, 9))
+    offset = chunks[0][0].copy()
+    seen = [
+        class_moments(project(X, offset, directions, temporary=True), c, 4)
+        for X, c in zip(chunks, codes)
+    ]
+    for X, c, got in zip(chunks, codes, seen):
+        T = (X - offset) @ directions.T
+        for k in range(4):
+            rows = T[c == k]
+            assert got.counts[k] == rows.shape[0]
+            if rows.shape[0]:
+                assert_allclose(got.means[k], rows.mean(axis=0), rtol=1e-12)
+                assert_allclose(
+                    got.m2[k],
+                    ((rows - rows.mean(axis=0)) ** 2).sum(axis=0),
+                    rtol=1e-9,
+                    atol=1e-12,
+                )
+        again = class_moments(project(X, offset, directions, temporary=True), c, 4)
+        assert_array_equal(again.means, got.means)
+        assert_array_equal(again.m2, got.m2)
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+from psmi_dask._blocks import _range_moments, _drawn_directions
+rng = np.random.default_rng(0)
+X = rng.normal(size=(2600, 256))
+y = rng.integers(10, size=2600)
+chunks = [X[a:a + 1024] for a in range(0, 2600, 1024)]  # 1024, 1024, 552 rows
+codes = [y[a:a + 1024] for a in range(0, 2600, 1024)]
+directions = _drawn_directions(np.random.SeedSequence(0), 0, 300, 256, "orthogonal", 300)
+_range_moments(chunks, codes, X[0], directions, 10)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    _range_moments(chunks, codes, X[0], directions, 10)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(
+    not __import__("sys").platform.startswith("linux"), reason="glibc malloc"
+)
+def test_chunk_moments_reuse_memory_under_the_nannys_malloc_setting():
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, so every
+    # freed temporary goes back to the kernel and the next one page-faults.
+    # A run's moments must not allocate per chunk: one chunk's projections
+    # here are 2.4 MB (600 pages), and its temporaries once cost 1,000+
+    # faults per chunk.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    faults_per_run = float(out.stdout.strip())
+    assert faults_per_run < 300, faults_per_run
