@@ -187,7 +187,8 @@ X = rng.normal(size=(2600, 256))
 y = rng.integers(10, size=2600)
 chunks = [X[a:a + 1024] for a in range(0, 2600, 1024)]  # 1024, 1024, 552 rows
 codes = [y[a:a + 1024] for a in range(0, 2600, 1024)]
-directions = _drawn_directions(np.random.SeedSequence(0), 0, 300, 256, "orthogonal", 300)
+seed = np.random.SeedSequence(0)
+directions = _drawn_directions(seed, 0, 300, 256, "orthogonal", 300)
 _range_moments(chunks, codes, X[0], directions, 10)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
