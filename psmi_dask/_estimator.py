@@ -34,7 +34,7 @@ from psmi_dask._controller import (
     run_blocks,
 )
 from psmi_dask._directions import DirectionSource, seed_sequence
-from psmi_dask._numerics import project, score
+from psmi_dask._numerics import GaussianParams, project, score
 from psmi_dask._placement import (
     as_dask,
     default_in_flight,
@@ -317,6 +317,23 @@ class PSMI:
                 )
             setattr(self, name, value)
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Each block's directions are rows of directions_: pickled once.
+        state = dict(self.__dict__)
+        fits = state.pop("_block_fits_", None)
+        if fits is not None:
+            state["_block_params_"] = [fit.params for fit in fits]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        params = state.pop("_block_params_", None)
+        self.__dict__.update(state)
+        if params is not None:
+            for name in _READ_ONLY:
+                state[name].flags.writeable = False
+            self._block_fits_ = _viewing(state["directions_"], params)
 
     def __repr__(self) -> str:
         defaults = {
@@ -716,9 +733,11 @@ class PSMI:
         params: Params,
     ) -> None:
         directions = np.concatenate([f.directions for f in fits], axis=0)
+        directions.flags.writeable = False
         shift = directions @ offset
         self._offset_ = offset
-        self._block_fits_ = fits
+        # The blocks read their rows of directions_: one copy in memory.
+        self._block_fits_ = _viewing(directions, [f.params for f in fits])
         self.directions_ = directions
         self.classes_ = classes
         self.class_prior_ = np.bincount(codes, minlength=classes.shape[0]) / codes.size
@@ -726,15 +745,8 @@ class PSMI:
             np.concatenate([f.params.means for f in fits], axis=1) + shift
         )
         self.projection_stds_ = np.concatenate([f.params.stds for f in fits], axis=1)
-        # The model reads its blocks, not these: writing into them would
-        # change nothing, so they refuse writes.
-        for fitted in (
-            self.directions_,
-            self.class_prior_,
-            self.projection_means_,
-            self.projection_stds_,
-        ):
-            fitted.flags.writeable = False
+        for name in _READ_ONLY:
+            getattr(self, name).flags.writeable = False
         self.n_features_in_ = directions.shape[1]
         self.n_blocks_ = len(fits)
         self.history_ = [record.as_dict() for record in history]
@@ -865,6 +877,22 @@ _FITTED = (
     "_block_fits_",
     "_convergence_warning",
 )
+
+
+# The model reads its blocks, not these: writing into them would change
+# nothing, so they refuse writes.
+_READ_ONLY = ("directions_", "class_prior_", "projection_means_", "projection_stds_")
+
+
+def _viewing(directions: np.ndarray, params: list[GaussianParams]) -> list[BlockFit]:
+    """Block fits whose directions are consecutive rows of ``directions``."""
+    fits = []
+    first = 0
+    for block in params:
+        stop = first + block.n_directions
+        fits.append(BlockFit(directions[first:stop], block))
+        first = stop
+    return fits
 
 
 def _sink(

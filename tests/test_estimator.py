@@ -372,3 +372,26 @@ def test_a_samples_outputs_do_not_depend_on_the_samples_beside_it(rows):
         chunked.set_params(chunk_size=1000).transform(X[rows], y[rows])[2],
         chunked.transform(X, y)[2][rows],
     )
+
+
+def test_directions_are_held_once_in_memory_and_in_a_pickle():
+    import pickle
+
+    X, y = _mixture(31, n=400, d=64)
+    est = PSMI(n_estimators=1200, random_state=0).fit(X, y)
+    size = est.directions_.nbytes
+    assert all(
+        np.shares_memory(f.directions, est.directions_) for f in est._block_fits_
+    )
+    blob = pickle.dumps(est)
+    # Twice the directions before; the Gaussians take an eighth of them here.
+    assert len(blob) < 1.5 * size, (len(blob), size)
+    again = pickle.loads(blob)
+    assert all(
+        np.shares_memory(f.directions, again.directions_) for f in again._block_fits_
+    )
+    assert not again.directions_.flags.writeable
+    assert not again.projection_means_.flags.writeable
+    assert_array_equal(again.directions_, est.directions_)
+    for got, expected in zip(again.transform(X, y), est.transform(X, y)):
+        assert_array_equal(got, expected)
