@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import dask
 import numpy as np
@@ -180,6 +180,8 @@ class SampleAccumulator:
     states: list[Any] = field(default_factory=list)
     pending: deque = field(default_factory=deque)
     columns: list[list[Any]] = field(default_factory=list)
+    fetched: list[Future] = field(default_factory=list)
+    _fetcher: ThreadPoolExecutor | None = None
     states_after: list[list[Any]] = field(default_factory=list)
     n_blocks: int = 0
     n_milestone: int = 0
@@ -244,6 +246,7 @@ class SampleAccumulator:
         self.states = self.states_after[n_blocks - 1]
         self.states_after = self.states_after[:n_blocks]
         self.columns = self.columns[:n_blocks]
+        self.fetched = self.fetched[:n_blocks]
         self.n_blocks = n_blocks
         self.pending.clear()
 
@@ -251,12 +254,44 @@ class SampleAccumulator:
         """The per-chunk moments over every block added."""
         return [state.current for state in self.backend.gather(self.states)]
 
-    def column_blocks(self) -> list[list[np.ndarray]]:
-        """Per block, per chunk, the pmi columns kept."""
-        return [
-            [scored[1] for scored in self.backend.gather(block)]
-            for block in self.columns
-        ]
+    def fetch_ahead(self, n_blocks: int) -> None:
+        """Start bringing the columns of the first ``n_blocks`` blocks here.
+
+        A consumed block is final, so on a cluster its columns can travel
+        while later blocks compute, rather than all of them at the end.
+        """
+        if self._fetcher is None:
+            # One thread: blocks arrive in block order, one gather at a time.
+            self._fetcher = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="psmi-dask-fetch"
+            )
+        while len(self.fetched) < min(n_blocks, len(self.columns)):
+            block = self.columns[len(self.fetched)]
+            self.fetched.append(self._fetcher.submit(self.backend.gather, block))
+
+    def close(self) -> None:
+        """Stop fetching: wait for the gather under way, drop the others."""
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=True, cancel_futures=True)
+            self._fetcher = None
+
+    def column_blocks(self) -> Iterator[list[np.ndarray]]:
+        """Per block, per chunk, the pmi columns kept, one block at a time.
+
+        Each block is dropped once yielded, so that the caller can copy the
+        columns out without holding them twice.
+        """
+        columns: list[Any] = self.columns
+        fetched: list[Any] = self.fetched
+        self.columns, self.fetched = [], []
+        for i in range(len(columns)):
+            if i < len(fetched):
+                parts = fetched[i].result()
+                fetched[i] = None
+            else:
+                parts = self.backend.gather(columns[i])
+            columns[i] = None
+            yield [scored[1] for scored in parts]
 
 
 @dataclass

@@ -463,14 +463,21 @@ class PSMI:
                 columns = Columns(keep, sink, int(firsts[block]))
                 return params, score_block(data, directions, params, columns)
 
+            fetch = keep and not isinstance(backend, LocalBackend)
+
             def consume(block: int, result: Any) -> bool:
                 accumulator.add(result[1])
+                if fetch:
+                    accumulator.fetch_ahead(block + 1)
                 return False
 
-            run_blocks(backend, build, len(self._block_fits_), in_flight, consume)
-            return self._outputs(
-                features, codes, data, accumulator, is_dask, rows, sink
-            )
+            try:
+                run_blocks(backend, build, len(self._block_fits_), in_flight, consume)
+                return self._outputs(
+                    features, codes, data, accumulator, is_dask, rows, sink
+                )
+            finally:
+                accumulator.close()
 
         return run_with_retries(transform_on, in_flight)
 
@@ -615,26 +622,30 @@ class PSMI:
                 if with_scores
                 else None
             )
-            fits, history = self._run_fit(
-                backend,
-                data,
-                directions,
-                plan,
-                classes.shape[0],
-                params,
-                accumulator,
-                rule,
-                cache,
-                whole,
-                features,
-                sink,
-            )
-            self._set_fitted(fits, history, classes, codes, offset, rule, params)
-            if accumulator is None or not wants_outputs:
-                return None
-            return self._outputs(
-                features, codes, data, accumulator, is_dask, rows, sink
-            )
+            try:
+                fits, history = self._run_fit(
+                    backend,
+                    data,
+                    directions,
+                    plan,
+                    classes.shape[0],
+                    params,
+                    accumulator,
+                    rule,
+                    cache,
+                    whole,
+                    features,
+                    sink,
+                )
+                self._set_fitted(fits, history, classes, codes, offset, rule, params)
+                if accumulator is None or not wants_outputs:
+                    return None
+                return self._outputs(
+                    features, codes, data, accumulator, is_dask, rows, sink
+                )
+            finally:
+                if accumulator is not None:
+                    accumulator.close()
 
         return run_with_retries(fit_on, in_flight)
 
@@ -692,6 +703,8 @@ class PSMI:
                 variation = None
             elif ahead:
                 variation = accumulator.variation_of(variations.pop(block))
+                if accumulator.keep_columns:
+                    accumulator.fetch_ahead(block + 1)
             else:
                 variation = accumulator.add(scores)
             done = plan.first(block) + plan.size(block)

@@ -66,7 +66,11 @@ class DistributedBackend:
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self.n_threads = max(1, sum(client.nthreads().values()))
+        nthreads = client.nthreads()
+        self.n_threads = max(1, sum(nthreads.values()))
+        # Results straight from the workers when they are surely reachable:
+        # through the scheduler, every byte is received and sent once more.
+        self.direct = _direct(client, list(nthreads))
         self._futures: list[Any] = []
 
     def submit(self, graphs: Sequence[Any]) -> Any:
@@ -78,7 +82,7 @@ class DistributedBackend:
         return self.client.compute([head, *per_chunk], fifo_timeout=0)
 
     def wait(self, handle: Any) -> Any:
-        return handle[0].result(), handle[1:]
+        return self.client.gather(handle[0], direct=self.direct), handle[1:]
 
     def start(self, graph: Any) -> Any:
         """Compute ``graph`` now; a block's graph can take the future."""
@@ -99,7 +103,7 @@ class DistributedBackend:
         return reference.result() if hasattr(reference, "result") else reference
 
     def gather(self, references: Sequence[Any]) -> list[Any]:
-        return list(self.client.gather(list(references)))
+        return list(self.client.gather(list(references), direct=self.direct))
 
     def close(self) -> None:
         # Dropping the last reference to a future releases it on the cluster.
@@ -303,8 +307,9 @@ def _is_loopback(address: str) -> bool:
 
 
 def _direct(client: Any, workers: Sequence[str]) -> bool:
-    """Whether to scatter straight to the workers rather than through the
-    scheduler, which then receives and sends every byte once more.
+    """Whether to send data to the workers and fetch results from them
+    directly, rather than through the scheduler, which then receives and
+    sends every byte once more.
 
     The client's own setting wins; otherwise only on loopback addresses, the
     one case where the workers are surely reachable from the client (a
@@ -331,7 +336,7 @@ def _scatter_chunks(
     client = backend.client
     ranges = chunk_ranges(len(sizes), client.nthreads())
     workers = sorted({worker for worker, _, _ in ranges})
-    direct = _direct(client, workers)
+    direct = backend.direct
     n_chunks = len(sizes)
     futures: list[Any] = [None] * (2 * n_chunks)
     offset_future = None
