@@ -1,4 +1,5 @@
 import numpy as np
+
 from psmi_dask import PSMI
 
 # Generating data

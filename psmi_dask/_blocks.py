@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from dask import delayed
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from psmi_dask._blas import single_threaded_blas
 from psmi_dask._directions import DirectionSource
@@ -343,7 +345,7 @@ def fit_block(
             for chunk, codes in zip(data.features, data.codes)
         ]
     merged = tree_reduce(moments, task(merge_class_moments))
-    fit = task(_finish_fit)(merged, directions, var_floor)
+    fit = _one_layer(task(_finish_fit)(merged, directions, var_floor), data)
     if not with_scores:
         return fit, []
     # The scores take the whole fit, a task fewer than taking its params.
@@ -356,6 +358,38 @@ def fit_block(
     else:
         scores = score_block(data, directions, params, columns)
     return fit, scores
+
+
+def _one_layer(value: Delayed, data: ChunkedData) -> Delayed:
+    """``value`` with the tasks of its block merged into one graph layer.
+
+    A task that takes a Delayed copies its graph's layers, one per task
+    before it: handing the fit, which follows a task per chunk, to a task
+    per chunk would cost the square of the number of chunks (minutes per
+    block at 10,000 chunks). The data's layers are kept apart, shared by
+    every block.
+    """
+    graph = value.__dask_graph__()
+    if not isinstance(graph, HighLevelGraph):
+        return value
+    refs = [*data.features, *data.codes, data.offset]
+    shared = {
+        name
+        for ref in refs
+        if isinstance(ref, Delayed)
+        for name in ref.__dask_layers__()
+        if name in graph.layers
+    }
+    tasks: dict[Any, Any] = {}
+    for name, layer in graph.layers.items():
+        if name not in shared:
+            tasks.update(layer)
+    own = f"block-{value.key}"
+    layers = {name: graph.layers[name] for name in shared}
+    dependencies = {name: set(graph.dependencies[name]) for name in shared}
+    layers[own] = MaterializedLayer(tasks)
+    dependencies[own] = set(shared)
+    return Delayed(value.key, HighLevelGraph(layers, dependencies), layer=own)
 
 
 def score_block(

@@ -8,13 +8,13 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
-from dask import delayed
 import numpy as np
+from dask import delayed
 
 from psmi_dask._blas import single_threaded_blas
 from psmi_dask._blocks import (
@@ -65,7 +65,10 @@ _PROJECTION_CACHE_BYTES = 512 * 2**20
 # A block over at most this many samples x max(features, directions) runs as
 # one task instead of a few per chunk (on digits, 3 tasks a block instead of
 # 14); the wall time on a two-worker LocalCluster stayed about the same.
+# Dask culls its whole graph once for each Delayed in a list argument, so a
+# whole block over many chunks (a small chunk_size) would cost their square.
 _WHOLE_BLOCK_VALUES = 2**21
+_WHOLE_BLOCK_CHUNKS = 64
 
 # Target size of one chunk's projections (rows x max(features, block) x 8).
 _CHUNK_BYTES = 16 * 2**20
@@ -196,8 +199,13 @@ class PSMI:
         Samples per chunk. "auto" chooses a power of two from the shape of X
         and the block size: at least 1,024 rows, and 16 chunks or more when
         X is large enough, while one chunk's projections take at most
-        16 MiB. X is rechunked to this along samples, so the result does not
-        depend on the input's own chunks.
+        16 MiB. X is rechunked to this along samples, so for a given
+        chunk_size the result is the same to the bit whatever the input's
+        own chunks. Two different chunk_size values sum the class moments in
+        a different order, and BLAS may round a sample's projections by
+        where it falls in its chunk: they may differ in the last bits
+        (within 1e-12 relative). Below a few hundred rows, Dask's cost per
+        task outweighs the work in it.
     max_blocks_in_flight : int or "auto", default="auto"
         Blocks computed at once; "auto" is one per core on the threaded
         scheduler and two per worker thread on a cluster. Blocks
@@ -608,7 +616,10 @@ class PSMI:
         keep_columns = wants_outputs and not is_dask
         with_scores = with_scores or auto
         cache = n_samples * params.block_size * 8 * in_flight <= _PROJECTION_CACHE_BYTES
-        whole = n_samples * max(n_features, params.block_size) <= _WHOLE_BLOCK_VALUES
+        whole = (
+            n_samples * max(n_features, params.block_size) <= _WHOLE_BLOCK_VALUES
+            and -(-n_samples // rows) <= _WHOLE_BLOCK_CHUNKS
+        )
         offset = _reference_sample(features)
 
         def fit_on(backend: Any) -> Any:

@@ -9,10 +9,12 @@ from numpy.testing import assert_allclose
 
 from psmi_dask import PSMI
 
-N_SAMPLES, N_FEATURES, N_DIRECTIONS = 60_000, 64, 600
-# The full psmi matrix would take N_SAMPLES x N_DIRECTIONS x 8 = 288 MB, more
-# than both workers may hold together.
-MEMORY_LIMIT = "160MiB"
+N_SAMPLES, N_FEATURES, N_DIRECTIONS = 60_000, 64, 1200
+# The full psmi matrix would take N_SAMPLES x N_DIRECTIONS x 8 = 576 MB, more
+# than both workers may hold together. A worker process takes about 100 MiB
+# before any task (Python, numpy, distributed): 160 MiB left too little room
+# and the nanny sometimes restarted one.
+MEMORY_LIMIT = "256MiB"
 
 
 def _features(chunks):
