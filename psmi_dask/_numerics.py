@@ -12,11 +12,12 @@ handled in log space, with the denominator as a log-sum-exp over classes.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -67,6 +68,8 @@ _MANTISSA_BITS = np.uint64(0x000F_FFFF_FFFF_FFFF)
 _ONE_BITS = np.uint64(0x3FF0_0000_0000_0000)
 
 _buffers = threading.local()
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 # Projections are computed in whole tiles of this many rows (see project).
 _PROJECTION_ROWS = 16
@@ -148,14 +151,21 @@ def project(
     zero, so that a constant input gives PSMI exactly 0. With ``temporary``
     the result lives in a buffer of this thread that the next call reuses.
     """
-    # BLAS rounds the last rows of an odd-sized product differently: padded
-    # to a multiple of 16 rows, each sample's projections have the same bits
-    # whichever other samples share its chunk.
+    # BLAS may round the last rows of a product differently from the others.
+    # Padded to a multiple of 16 rows, the rows of a chunk keep their bits
+    # on kernels that work in tiles of 16 rows or fewer (OpenBLAS's Haswell
+    # kernels); OpenBLAS's SkylakeX kernels also round by where a row falls
+    # at the edges, so there a chunk of other rows may move the last bits.
+    # The same chunk gives the same product, and so the same bits, always.
     rows = chunk.shape[0]
     padded = -(-rows // _PROJECTION_ROWS) * _PROJECTION_ROWS
     centred = _scratch("centred", (padded, chunk.shape[1]))
     np.subtract(chunk, offset, out=centred[:rows], dtype=np.float64)
     centred[rows:] = 0.0
+    if not directions.flags.aligned:
+        # Arrays received by a Dask worker can start at any byte, and BLAS
+        # rounds a product with a misaligned matrix differently.
+        directions = np.array(directions)
     shape = (padded, directions.shape[0])
     out = _scratch("projections", shape) if temporary else np.empty(shape)
     # Overflow gives inf, which the caller reports with advice.
@@ -164,6 +174,23 @@ def project(
     return out[:rows]
 
 
+def _overflow_checked_later(function: _F) -> _F:
+    """Run ``function`` with numpy's overflow warnings off.
+
+    Projections of data near float64's limits overflow to inf; the fit then
+    stops with one clear error (``_estimator._check_block_finite``) rather
+    than a run of RuntimeWarnings.
+    """
+
+    @functools.wraps(function)
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return function(*args, **kwargs)
+
+    return quiet  # type: ignore[return-value]
+
+
+@_overflow_checked_later
 def class_moments(
     projections: np.ndarray, codes: np.ndarray, n_classes: int
 ) -> ClassMoments:
@@ -200,6 +227,7 @@ def _merge(
     return count, mean, m2
 
 
+@_overflow_checked_later
 def merge_class_moments(a: ClassMoments, b: ClassMoments) -> ClassMoments:
     """Chan et al.'s pairwise merge of two sets of class moments."""
     counts, means, m2 = _merge(
@@ -216,6 +244,7 @@ def merge_sample_moments(a: SampleMoments, b: SampleMoments) -> SampleMoments:
     return SampleMoments(a.count + b.count, mean, m2)
 
 
+@_overflow_checked_later
 def fit_gaussians(moments: ClassMoments, var_floor: float) -> GaussianParams:
     """Class Gaussians from merged moments, with the variance floor.
 

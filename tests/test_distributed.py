@@ -92,6 +92,23 @@ def test_local_clusters_give_the_threaded_bits(
         _wait_no_tasks(c)
 
 
+def test_two_workers_give_the_threaded_bits_with_directions_sent_between_them():
+    # Blocks of 100 directions over 16 features: where a worker's copy of
+    # another's directions, misaligned in memory, once changed the bits.
+    rng = np.random.default_rng(5)
+    y = rng.integers(4, size=2000)
+    X = rng.normal(size=(2000, 16)) + 0.4 * y[:, None]
+    kwargs = dict(n_estimators=600, min_n_estimators=100, random_state=0)
+    expected = PSMI(**kwargs, chunk_size=500).fit_transform(X, y)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):
+        _assert_same(PSMI(**kwargs, chunk_size=500).fit_transform(X, y), expected)
+
+
 def _wait_no_tasks(c, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

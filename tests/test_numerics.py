@@ -220,3 +220,39 @@ def test_chunk_moments_reuse_memory_under_the_nannys_malloc_setting():
     )
     faults_per_run = float(out.stdout.strip())
     assert faults_per_run < 300, faults_per_run
+
+
+def test_overflowing_projections_give_one_clear_error_and_no_numpy_warnings():
+    import warnings
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 5)) * 1e300
+    y = rng.integers(2, size=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="overflow float64; rescale X"):
+            PSMI(n_estimators=20, random_state=0).fit(X, y)
+
+
+def _at_byte(values: np.ndarray, byte: int) -> np.ndarray:
+    """A copy of ``values`` starting ``byte`` bytes past a 64-byte boundary."""
+    raw = np.empty(values.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + byte
+    out = raw[start : start + values.nbytes].view(np.float64).reshape(values.shape)
+    out[...] = values
+    return out
+
+
+@pytest.mark.parametrize("byte", [1, 2, 4, 10])
+def test_misaligned_directions_project_to_the_same_bits(byte):
+    # As a Dask worker may receive them: numpy hands OpenBLAS a misaligned
+    # matrix in a way that rounds some products differently (seen with 16
+    # features and 100 directions).
+    rng = np.random.default_rng(5)
+    chunk, directions = rng.normal(size=(512, 16)), rng.normal(size=(100, 16))
+    offset = rng.normal(size=16)
+    moved = _at_byte(directions, byte)
+    assert not moved.flags.aligned
+    assert_array_equal(
+        project(chunk, offset, moved), project(chunk, offset, directions)
+    )
