@@ -358,20 +358,31 @@ def test_fitted_arrays_and_psmi_aliases_refuse_writes():
 @pytest.mark.parametrize(
     "rows", [slice(5, 6), slice(0, 7), slice(3, 40), slice(999, 2000)]
 )
-def test_a_samples_outputs_do_not_depend_on_the_samples_beside_it(rows):
+def test_a_samples_outputs_barely_depend_on_the_samples_beside_it(rows):
+    # BLAS may round a product's rows by where they fall in it (OpenBLAS's
+    # SkylakeX kernels do, at the edges of a product): a sample transformed
+    # among others agrees with it alone within DESIGN.md's 1e-12.
     rng = np.random.default_rng(19)
     y = rng.integers(4, size=3000)
     X = rng.normal(size=(3000, 64)) + 0.3 * y[:, None]
     est = PSMI(n_estimators=600, random_state=7).fit(X, y)
     everything = est.transform(X, y)
     alone = est.transform(X[rows], y[rows])
+    scale = np.abs(everything[2]).max()
     for part, whole in zip(alone, everything):
-        assert_array_equal(part, whole[rows])
-    chunked = PSMI(n_estimators=600, random_state=7, chunk_size=7).fit(X, y)
-    assert_array_equal(
-        chunked.set_params(chunk_size=1000).transform(X[rows], y[rows])[2],
-        chunked.transform(X, y)[2][rows],
-    )
+        assert_allclose(part, whole[rows], rtol=1e-12, atol=1e-12 * scale)
+
+
+def test_whole_chunks_of_samples_transform_to_the_same_bits_alone():
+    # The same rows in a chunk of the same size: the same products, so the
+    # same bits, whatever follows them.
+    rng = np.random.default_rng(19)
+    y = rng.integers(4, size=3000)
+    X = rng.normal(size=(3000, 64)) + 0.3 * y[:, None]
+    est = PSMI(n_estimators=600, random_state=7, chunk_size=1000).fit(X, y)
+    everything = est.transform(X, y)
+    for part, whole in zip(est.transform(X[:2000], y[:2000]), everything):
+        assert_array_equal(part, whole[:2000])
 
 
 def test_directions_are_held_once_in_memory_and_in_a_pickle():
