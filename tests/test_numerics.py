@@ -256,3 +256,22 @@ def test_misaligned_directions_project_to_the_same_bits(byte):
     assert_array_equal(
         project(chunk, offset, moved), project(chunk, offset, directions)
     )
+
+
+@pytest.mark.parametrize("byte", [2, 12])
+def test_misaligned_projections_give_the_same_moments_and_scores(byte):
+    rng = np.random.default_rng(6)
+    codes = rng.integers(4, size=512)
+    projections = rng.normal(size=(512, 100)) + codes[:, None]
+    moments = class_moments(projections, codes, 4)
+    moved = class_moments(_at_byte(projections, byte), codes, 4)
+    for got, expected in zip(
+        (moved.counts, moved.means, moved.m2),
+        (moments.counts, moments.means, moments.m2),
+    ):
+        assert_array_equal(got, expected)
+    params = fit_gaussians(moments, 1e-9)
+    expected = score(projections, codes, params, keep_columns=True)
+    got = score(_at_byte(projections, byte), codes, params, keep_columns=True)
+    assert_array_equal(got[1], expected[1])
+    assert_array_equal(got[0].mean, expected[0].mean)
