@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from psmi_dask._estimator import PSMI
-from psmi_dask.exceptions import ConvergenceWarning, NotFittedError, PSMIWarning
+from psmi_dask.exceptions import (
+    ConvergenceWarning,
+    DataConversionWarning,
+    NotFittedError,
+    PSMIWarning,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["PSMI", "ConvergenceWarning", "NotFittedError", "PSMIWarning", "__version__"]
+__all__ = [
+    "PSMI",
+    "ConvergenceWarning",
+    "DataConversionWarning",
+    "NotFittedError",
+    "PSMIWarning",
+    "__version__",
+]

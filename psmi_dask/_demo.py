@@ -237,9 +237,9 @@ def run_demo(
     scikit-learn), flips a fraction of the labels to a different class,
     fits PSMI in auto mode on a local cluster, and scores "lowest PSMI
     first" as a detector of the flipped labels. Writes the per-sample
-    results (``digits_psmi.csv``), a JSON record (``digits_psmi.json``) and a
-    histogram of PSMI for clean and flipped samples (``digits_psmi.png``)
-    into ``output_dir``.
+    results (``digits_psmi.csv``), a JSON record
+    (``digits_psmi.csv.json``) and a histogram of PSMI for clean and
+    flipped samples (``digits_psmi.png``) into ``output_dir``.
 
     Parameters
     ----------

@@ -605,6 +605,8 @@ class PSMI:
         source = self._direction_source(params, n_features)
         plan = self._plan(params, source)
         auto = params.n_estimators is None
+        if not auto:  # in auto mode a huge cap costs nothing if the rule holds
+            _check_memory(plan, n_samples, n_features, with_scores and not is_dask)
         rule = (
             StoppingRule(params.quantile, params.max_variation, params.milestone)
             if auto
@@ -949,6 +951,28 @@ def _early_directions(
         return block_directions(source, block, plan.size(block))
 
     return directions
+
+
+def _check_memory(plan: Plan, n_samples: int, n_features: int, full: bool) -> None:
+    """Refuse at once a fixed-mode fit whose results could never fit here."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    needed = plan.total * n_features * 8
+    what = "the directions"
+    if full:
+        needed += n_samples * plan.total * 8
+        what = "the directions and psmi_full"
+    if needed <= total:
+        return
+    fix = "choose a smaller n_estimators"
+    if full:
+        fix += ", or pass X as a dask array for a lazy psmi_full"
+    raise ValueError(
+        f"n_estimators={plan.total} needs {needed / 2**30:,.1f} GiB for {what} "
+        f"alone, more than this machine's {total / 2**30:,.1f} GiB of memory; "
+        f"{fix}."
+    )
 
 
 def _reference_sample(features: Any) -> np.ndarray:

@@ -170,13 +170,13 @@ def project(
     rows = chunk.shape[0]
     padded = -(-rows // _PROJECTION_ROWS) * _PROJECTION_ROWS
     centred = _scratch("centred", (padded, chunk.shape[1]))
-    np.subtract(chunk, offset, out=centred[:rows], dtype=np.float64)
-    centred[rows:] = 0.0
     directions = _aligned(directions, np.float64)
     shape = (padded, directions.shape[0])
     out = _scratch("projections", shape) if temporary else np.empty(shape)
     # Overflow gives inf, which the caller reports with advice.
     with np.errstate(over="ignore", invalid="ignore"):
+        np.subtract(chunk, offset, out=centred[:rows], dtype=np.float64)
+        centred[rows:] = 0.0
         np.matmul(centred, directions.T, out=out)
     return out[:rows]
 

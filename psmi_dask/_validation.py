@@ -7,6 +7,9 @@ message names the argument, what was expected and what came.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from numbers import Integral, Number, Real
 from typing import Any
@@ -15,6 +18,7 @@ import dask.array as da
 import numpy as np
 
 from psmi_dask._directions import KINDS
+from psmi_dask.exceptions import DataConversionWarning
 
 __all__ = [
     "Params",
@@ -268,6 +272,12 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
         y = y.compute()
     labels = _as_label_array(y)
     if labels.ndim == 2 and labels.shape[1] == 1:
+        warnings.warn(
+            f"y should be 1-D, of shape (n_samples,), got {labels.shape}; its "
+            "one column is used as the labels (pass y.ravel() to silence this).",
+            DataConversionWarning,
+            stacklevel=_first_caller_outside(),
+        )
         labels = labels[:, 0]
     if labels.ndim != 1:
         raise ValueError(f"y must be 1-D, of shape (n_samples,), got {labels.shape}.")
@@ -283,6 +293,17 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
             "those samples or give them a label."
         )
     return labels
+
+
+def _first_caller_outside() -> int:
+    """The stacklevel, for the caller of this function, of the user's code."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(
+        frame.f_code.co_filename
+    ).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _missing(labels: np.ndarray) -> int:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["ConvergenceWarning", "NotFittedError", "PSMIWarning"]
+__all__ = [
+    "ConvergenceWarning",
+    "DataConversionWarning",
+    "NotFittedError",
+    "PSMIWarning",
+]
 
 
 class PSMIWarning(UserWarning):
@@ -11,6 +16,13 @@ class PSMIWarning(UserWarning):
 
 class ConvergenceWarning(PSMIWarning):
     """The auto-mode stopping rule was not met before ``max_n_estimators``."""
+
+
+class DataConversionWarning(PSMIWarning):
+    """An input was reshaped to what is expected, as a column y to 1-D.
+
+    Named after scikit-learn's warning for the same case.
+    """
 
 
 class NotFittedError(ValueError, AttributeError):

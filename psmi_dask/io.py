@@ -726,7 +726,7 @@ def _remove_existing(paths: Sequence[Path], overwrite: bool) -> None:
     if existing and not overwrite:
         raise ValueError(
             f"output {str(existing[0])!r} already exists; choose another "
-            f"output or allow overwriting."
+            f"output, or pass overwrite=True (--overwrite on the command line)."
         )
     for path in existing:
         if path.is_dir():

@@ -222,11 +222,16 @@ def test_chunk_moments_reuse_memory_under_the_nannys_malloc_setting():
     assert faults_per_run < 300, faults_per_run
 
 
-def test_overflowing_projections_give_one_clear_error_and_no_numpy_warnings():
+@pytest.mark.parametrize("near_the_limit", [False, True])
+def test_overflowing_projections_give_one_clear_error_and_no_numpy_warnings(
+    near_the_limit,
+):
     import warnings
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(100, 5)) * 1e300
+    if near_the_limit:  # X minus a sample overflows before the projection
+        X = np.sign(X) * 1e308
     y = rng.integers(2, size=100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -410,3 +410,37 @@ def test_ragged_sparse_and_masked_features_are_refused_by_name():
         PSMI(n_estimators=5).fit(scipy_sparse.csr_matrix(X), y)
     with pytest.raises(TypeError, match=r"X is a masked array"):
         PSMI(n_estimators=5).fit(np.ma.masked_array(X, mask=X > 1), y)
+
+
+def test_directions_beyond_the_machines_memory_are_refused_at_once():
+    # psmi 0.2.0 raises MemoryError here; drawing block after block would
+    # run for days before running out. (In auto mode a huge cap is allowed:
+    # it costs nothing when the rule holds early.)
+    import time
+
+    X = np.random.default_rng(0).normal(size=(100, 4))
+    y = np.random.default_rng(0).integers(3, size=100)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"^n_estimators=10+ needs .* GiB .* memory"):
+        PSMI(n_estimators=10**12, random_state=0).fit(X, y)
+    assert time.monotonic() - start < 5
+
+
+def test_a_psmi_full_beyond_memory_is_refused_with_the_lazy_way_out():
+    X = np.random.default_rng(0).normal(size=(10**6, 2))
+    y = np.random.default_rng(0).integers(3, size=10**6)
+    with pytest.raises(ValueError, match="psmi_full .* dask array"):
+        PSMI(n_estimators=10**7, random_state=0).fit_transform(X, y)
+
+
+def test_a_column_of_labels_is_used_with_a_warning():
+    from psmi_dask import DataConversionWarning
+
+    X = np.random.default_rng(1).normal(size=(120, 3))
+    y = np.random.default_rng(1).integers(3, size=120)
+    expected = PSMI(n_estimators=20, random_state=0).fit_transform(X, y)
+    with pytest.warns(DataConversionWarning, match=r"got \(120, 1\)") as record:
+        got = PSMI(n_estimators=20, random_state=0).fit_transform(X, y[:, None])
+    assert record[0].filename == __file__
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
