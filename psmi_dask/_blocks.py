@@ -24,6 +24,7 @@ from psmi_dask._numerics import (
     ClassMoments,
     GaussianParams,
     SampleMoments,
+    as_aligned,
     class_moments,
     fit_gaussians,
     merge_class_moments,
@@ -225,6 +226,7 @@ def _whole_block(
     starts: list[int],
 ) -> tuple[Any, ...]:
     """A small block in one task: the same steps, in the same order."""
+    directions = as_aligned(directions, np.float64)  # once, not per chunk
     with single_threaded_blas():
         projections = [project(chunk, offset, directions) for chunk in chunks]
         moments = [class_moments(t, c, n_classes) for t, c in zip(projections, codes)]
@@ -247,6 +249,7 @@ def _range_moments(
 ) -> list[ClassMoments]:
     """The moments of each chunk of a run, unmerged: merging follows the tree
     over every chunk, which no run sees whole."""
+    directions = as_aligned(directions, np.float64)  # once, not per chunk
     return [
         _chunk_moments(chunk, c, offset, directions, n_classes)
         for chunk, c in zip(chunks, codes)

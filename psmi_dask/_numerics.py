@@ -137,7 +137,7 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return buffer[:size].reshape(shape)
 
 
-def _aligned(array: np.ndarray, dtype: type) -> np.ndarray:
+def as_aligned(array: np.ndarray, dtype: type) -> np.ndarray:
     """``array`` as a C-contiguous, aligned array of ``dtype``, copied if need be.
 
     Arrays a Dask worker receives from another can start at any byte: BLAS
@@ -170,7 +170,7 @@ def project(
     rows = chunk.shape[0]
     padded = -(-rows // _PROJECTION_ROWS) * _PROJECTION_ROWS
     centred = _scratch("centred", (padded, chunk.shape[1]))
-    directions = _aligned(directions, np.float64)
+    directions = as_aligned(directions, np.float64)
     shape = (padded, directions.shape[0])
     out = _scratch("projections", shape) if temporary else np.empty(shape)
     # Overflow gives inf, which the caller reports with advice.
@@ -202,7 +202,7 @@ def class_moments(
     projections: np.ndarray, codes: np.ndarray, n_classes: int
 ) -> ClassMoments:
     """Moments of ``projections`` per class, exact two-pass within the chunk."""
-    projections = _aligned(projections, np.float64)
+    projections = as_aligned(projections, np.float64)
     counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
     one_hot = np.zeros((n_classes, codes.shape[0]))
     one_hot[codes, np.arange(codes.shape[0])] = 1.0
@@ -417,11 +417,11 @@ def _score_tiles(
     columns: np.ndarray | None,
 ) -> None:
     n_samples, n_directions = projections.shape
-    projections = _aligned(projections, np.float64)
-    codes = _aligned(codes, np.int64)
-    means = _aligned(params.means, np.float64)
+    projections = as_aligned(projections, np.float64)
+    codes = as_aligned(codes, np.int64)
+    means = as_aligned(params.means, np.float64)
     scales = np.sqrt(0.5) / params.stds
-    log_prior = _aligned(params.log_prior, np.float64)
+    log_prior = as_aligned(params.log_prior, np.float64)
     log_coef = log_prior[:, None] - np.log(params.stds)
     # Where every class has the same Gaussian, pmi is exactly 0; rounding in
     # the log-sum-exp would leave about 1e-16 instead.
