@@ -449,6 +449,8 @@ class PSMI:
         codes = encode_known_labels(labels, self.classes_)
         params = check_params(self)
         is_dask = isinstance(features, da.Array)
+        if not is_dask:
+            _check_full_fits(features.shape[0], self.n_estimators_)
         rows = params.chunk_size or chunk_rows(
             features.shape[0], self.n_features_in_, params.block_size
         )
@@ -709,8 +711,8 @@ class PSMI:
 
         def consume(block: int, result: Any) -> bool:
             fit, scores = backend.fetch(result[0]), result[1]
-            if block == 0:
-                _check_block_finite(fit, features)
+            # Any block may overflow: a direction nearer X's largest values.
+            _check_block_finite(fit, features)
             fits.append(fit)
             if accumulator is None:
                 variation = None
@@ -953,11 +955,27 @@ def _early_directions(
     return directions
 
 
-def _check_memory(plan: Plan, n_samples: int, n_features: int, full: bool) -> None:
-    """Refuse at once a fixed-mode fit whose results could never fit here."""
+def _memory_total() -> int:
     import psutil
 
-    total = psutil.virtual_memory().total
+    return int(psutil.virtual_memory().total)
+
+
+def _check_full_fits(n_samples: int, n_estimators: int) -> None:
+    """Refuse at once a numpy psmi_full that could never fit here."""
+    needed, total = n_samples * n_estimators * 8, _memory_total()
+    if needed > total:
+        raise ValueError(
+            f"psmi_full of {n_samples} samples x {n_estimators} directions needs "
+            f"{needed / 2**30:,.1f} GiB, more than this machine's "
+            f"{total / 2**30:,.1f} GiB of memory; pass X as a dask array for a "
+            "lazy psmi_full, or transform fewer samples at a time."
+        )
+
+
+def _check_memory(plan: Plan, n_samples: int, n_features: int, full: bool) -> None:
+    """Refuse at once a fixed-mode fit whose results could never fit here."""
+    total = _memory_total()
     needed = plan.total * n_features * 8
     what = "the directions"
     if full:

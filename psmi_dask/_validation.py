@@ -262,8 +262,10 @@ def raise_if_not_finite(X: np.ndarray | da.Array) -> None:
 def check_labels(y: Any, n_samples: int) -> np.ndarray:
     """Bring y to a 1-D numpy array of length ``n_samples``."""
     if isinstance(y, da.Array):
-        if y.ndim != 1:
-            raise ValueError(f"y must be 1-D, got shape {y.shape}.")
+        if not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
+            raise ValueError(
+                f"y must be 1-D, of shape (n_samples,), got shape {y.shape}."
+            )
         if not math.isnan(y.shape[0]) and y.shape[0] != n_samples:
             raise ValueError(
                 f"X and y must have the same number of samples, got X with "

@@ -280,3 +280,15 @@ def test_misaligned_projections_give_the_same_moments_and_scores(byte):
     got = score(_at_byte(projections, byte), codes, params, keep_columns=True)
     assert_array_equal(got[1], expected[1])
     assert_array_equal(got[0].mean, expected[0].mean)
+
+
+def test_a_later_block_that_overflows_is_the_same_clear_error():
+    # Block 0's directions stay finite; some later direction, nearer the
+    # huge sample's axis, overflows the variance.
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(100, 2)), rng.integers(2, size=100)
+    X[0], X[5] = 0.0, [1.2e154, -1.2e154]
+    kwargs = {"n_estimators": 40, "min_n_estimators": 1, "random_state": 2}
+    for method in ("fit", "fit_transform"):
+        with pytest.raises(ValueError, match="overflow float64; rescale X"):
+            getattr(PSMI(**kwargs), method)(X, y)

@@ -444,3 +444,32 @@ def test_a_column_of_labels_is_used_with_a_warning():
     assert record[0].filename == __file__
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_dask_column_of_labels_is_used_with_a_warning():
+    from psmi_dask import DataConversionWarning
+
+    X = np.random.default_rng(2).normal(size=(300, 5))
+    y = np.random.default_rng(2).integers(3, size=300)
+    expected = PSMI(n_estimators=50, random_state=0).fit_transform(X, y)
+    column = da.from_array(y[:, None], chunks=100)
+    with pytest.warns(DataConversionWarning, match=r"got \(300, 1\)"):
+        got = PSMI(n_estimators=50, random_state=0).fit_transform(X, column)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"y must be 1-D.*\(300, 2\)"):
+        PSMI(n_estimators=50).fit(X, da.from_array(np.c_[y, y], chunks=100))
+
+
+def test_transform_refuses_a_psmi_full_beyond_memory(monkeypatch):
+    import psmi_dask._estimator as estimator_module
+
+    X = np.random.default_rng(3).normal(size=(200, 3))
+    y = np.random.default_rng(3).integers(2, size=200)
+    est = PSMI(n_estimators=50, random_state=0).fit(X, y)
+    # 200 x 50 x 8 bytes = 80,000: a machine of 50,000 bytes cannot hold it.
+    monkeypatch.setattr(estimator_module, "_memory_total", lambda: 50_000)
+    with pytest.raises(ValueError, match="psmi_full of 200 samples x 50 .* dask"):
+        est.transform(X, y)
+    mean, std, full = est.transform(da.from_array(X, chunks=100), y)
+    assert full.shape == (200, 50)  # lazy: nothing allocated yet
