@@ -34,7 +34,12 @@ from psmi_dask._controller import (
     run_blocks,
 )
 from psmi_dask._directions import DirectionSource, seed_sequence
-from psmi_dask._numerics import GaussianParams, project, score
+from psmi_dask._numerics import (
+    GaussianParams,
+    project,
+    score,
+    too_small_for_float64,
+)
 from psmi_dask._placement import (
     as_dask,
     default_in_flight,
@@ -1024,6 +1029,9 @@ def _check_block_finite(fit: BlockFit, features: Any) -> None:
             "The projections of X overflow float64; rescale X (for example "
             "divide it by its largest absolute value)."
         )
+    error = too_small_for_float64(params)
+    if error is not None:
+        raise error
 
 
 def _pmi_columns(

@@ -37,6 +37,7 @@ __all__ = [
     "merge_sample_moments",
     "project",
     "score",
+    "too_small_for_float64",
 ]
 
 # Bytes of the (n_classes, rows, n_directions) float64 temporary of the
@@ -263,6 +264,11 @@ def fit_gaussians(moments: ClassMoments, var_floor: float) -> GaussianParams:
     sample projects to the same point, every class gets the same unit
     variance, and every pmi is exactly 0. The floor is relative, so PSMI
     stays unchanged when X is scaled.
+
+    Directions along which X varies too little for float64 get a std of 0,
+    which the floor rules out otherwise: the estimator refuses the block
+    (``too_small_for_float64``) where it reads it, not inside a worker's
+    task, whose failure each worker would log.
     """
     counts = moments.counts
     n_samples = counts.sum()
@@ -276,17 +282,24 @@ def fit_gaussians(moments: ClassMoments, var_floor: float) -> GaussianParams:
     # data too small for float64, not constant data (whose projections are
     # exactly 0 after the offset is subtracted).
     moved = np.any(moments.means != 0, axis=0)
-    if np.any((total_var < _SMALLEST_VARIANCE) & ((total_var > 0) | moved)):
-        raise ValueError(
-            "X varies too little for float64 along some directions (variance "
-            f"below {_SMALLEST_VARIANCE:g}); multiply X by a large constant, "
-            "which leaves PSMI unchanged."
-        )
+    too_small = (total_var < _SMALLEST_VARIANCE) & ((total_var > 0) | moved)
     noise = np.square(4096 * np.finfo(np.float64).eps * np.abs(total_mean))
     floor = np.maximum(var_floor * total_var, noise)
     floor = np.where(floor > 0, floor, 1.0)
     stds = np.sqrt(np.maximum(variances, floor))
+    stds[:, too_small] = 0.0
     return GaussianParams(np.log(prior), moments.means, stds)
+
+
+def too_small_for_float64(params: GaussianParams) -> ValueError | None:
+    """The error for a block fitted on data too small for float64, if it was."""
+    if not np.any(params.stds == 0):
+        return None
+    return ValueError(
+        "X varies too little for float64 along some directions (variance "
+        f"below {_SMALLEST_VARIANCE:g}); multiply X by a large constant, "
+        "which leaves PSMI unchanged."
+    )
 
 
 def _tile_rows(n_classes: int, n_directions: int) -> int:
@@ -324,8 +337,9 @@ def score(
     m2 = np.empty(n_samples)
     step = _tile_rows(n_classes, n_directions)
     # Non-finite input gives NaN here, and rows far beyond every class give
-    # pmi whose squares overflow; the caller reports both, with where.
-    with np.errstate(invalid="ignore", over="ignore"):
+    # pmi whose squares overflow; the caller reports both, with where. A std
+    # of 0 marks a block that the estimator refuses (fit_gaussians).
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         target = out if out is not None else columns
         _score_tiles(projections, codes, params, step, mean, m2, target)
     return SampleMoments(n_directions, mean, m2), columns

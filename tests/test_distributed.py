@@ -109,6 +109,24 @@ def test_two_workers_give_the_threaded_bits_with_directions_sent_between_them():
         _assert_same(PSMI(**kwargs, chunk_size=500).fit_transform(X, y), expected)
 
 
+@pytest.mark.parametrize("auto", [False, True])
+def test_data_too_small_for_float64_is_one_error_and_no_worker_tracebacks(auto, capfd):
+    X, y = _data(seed=4, n=600)
+    kwargs = {"min_n_estimators": 20, "random_state": 0}
+    if not auto:
+        kwargs["n_estimators"] = 80
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):
+        with pytest.raises(ValueError, match="multiply X by a large constant"):
+            PSMI(**kwargs).fit_transform(X * 1e-158, y)
+        time.sleep(0.5)  # let the workers' stderr reach the test
+    assert "Compute Failed" not in capfd.readouterr().err
+
+
 def _wait_no_tasks(c, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
