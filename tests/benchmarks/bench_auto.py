@@ -1,6 +1,7 @@
 """Auto mode: psmi 0.2.0 against psmi_dask on a two-worker LocalCluster.
 
     python tests/benchmarks/bench_auto.py [--psmi-timeout 300] [--repeats 3]
+        [--fixed-only]
 
 On scikit-learn's digits and on a 10-class Gaussian mixture of 10,000 x 512,
 in one run: wall time and directions used by psmi 0.2.0's auto mode and by
@@ -96,14 +97,25 @@ def main() -> None:
         default=3,
         help="fixed-mode fits per cluster size; the median is printed",
     )
+    parser.add_argument(
+        "--fixed-only",
+        action="store_true",
+        help="only the fixed-mode fits on one worker against two",
+    )
     args = parser.parse_args()
     datasets = {"digits": digits(), "mixture 10000x512": mixture()}
+    if not args.fixed_only:
+        compare_auto(datasets, args.psmi_timeout)
+    fixed_speed_up(*datasets["mixture 10000x512"], args.repeats)
+
+
+def compare_auto(datasets: dict[str, Any], psmi_timeout: float) -> None:
     print(
         f"{'data':>18} {'psmi s':>8} {'psmi dirs':>9} {'ours s':>8} "
         f"{'ours dirs':>9} {'met':>5} {'time ratio':>10} {'dirs ratio':>10}"
     )
     for name, (X, y) in datasets.items():
-        psmi_s, psmi_n = run_psmi(X, y, args.psmi_timeout)
+        psmi_s, psmi_n = run_psmi(X, y, psmi_timeout)
         lc, client = cluster(2)
         with lc, client:
             run_ours(X[:200], y[:200], n_estimators=500)  # warm the workers
@@ -114,7 +126,9 @@ def main() -> None:
             f"{name:>18} {psmi_s:>8.2f} {psmi_n:>9} {ours_s:>8.2f} {ours_n:>9} "
             f"{met!s:>5} {psmi_s / ours_s:>9.1f}x {dirs_ratio}"
         )
-    X, y = datasets["mixture 10000x512"]
+
+
+def fixed_speed_up(X: np.ndarray, y: np.ndarray, repeats: int) -> None:
     for n_directions in (2000, 10000):
         seconds = {}
         for n_workers in (1, 2):
@@ -125,12 +139,12 @@ def main() -> None:
                     np.median(
                         [
                             run_ours(X, y, "fit", n_estimators=n_directions)[0]
-                            for _ in range(args.repeats)
+                            for _ in range(repeats)
                         ]
                     )
                 )
         print(
-            f"fixed-mode fit, {n_directions} directions (median of {args.repeats}): "
+            f"fixed-mode fit, {n_directions} directions (median of {repeats}): "
             f"1 worker {seconds[1]:.2f} s, 2 workers {seconds[2]:.2f} s, "
             f"speed-up {seconds[1] / seconds[2]:.2f}x"
         )
