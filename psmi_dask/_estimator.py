@@ -56,6 +56,7 @@ from psmi_dask._validation import (
     encode_known_labels,
     encode_labels,
     raise_if_not_finite,
+    user_stacklevel,
 )
 from psmi_dask.exceptions import ConvergenceWarning, NotFittedError
 
@@ -534,8 +535,7 @@ class PSMI:
     def _warn_if_not_converged(self) -> None:
         message = self.__dict__.pop("_convergence_warning", None)
         if message is not None:
-            # Past this method, fit (or fit_transform) and its BLAS wrapper.
-            warnings.warn(message, ConvergenceWarning, stacklevel=4)
+            warnings.warn(message, ConvergenceWarning, stacklevel=user_stacklevel())
 
     def _check_fitted(self) -> None:
         if not self.fitted:
@@ -717,7 +717,7 @@ class PSMI:
         def consume(block: int, result: Any) -> bool:
             fit, scores = backend.fetch(result[0]), result[1]
             # Any block may overflow: a direction nearer X's largest values.
-            _check_block_finite(fit, features)
+            _check_block_fit(fit, features)
             fits.append(fit)
             if accumulator is None:
                 variation = None
@@ -1021,7 +1021,7 @@ def _raise_if_overflowed(features: Any, mean: np.ndarray, std: np.ndarray) -> No
     )
 
 
-def _check_block_finite(fit: BlockFit, features: Any) -> None:
+def _check_block_fit(fit: BlockFit, features: Any) -> None:
     params = fit.params
     if not (np.all(np.isfinite(params.means)) and np.all(np.isfinite(params.stds))):
         raise_if_not_finite(features)

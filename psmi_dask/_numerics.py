@@ -186,7 +186,7 @@ def _overflow_checked_later(function: _F) -> _F:
     """Run ``function`` with numpy's overflow warnings off.
 
     Projections of data near float64's limits overflow to inf; the fit then
-    stops with one clear error (``_estimator._check_block_finite``) rather
+    stops with one clear error (``_estimator._check_block_fit``) rather
     than a run of RuntimeWarnings.
     """
 

@@ -28,6 +28,7 @@ __all__ = [
     "encode_labels",
     "encode_known_labels",
     "raise_if_not_finite",
+    "user_stacklevel",
 ]
 
 _MAX_LISTED = 10
@@ -278,7 +279,7 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
             f"y should be 1-D, of shape (n_samples,), got {labels.shape}; its "
             "one column is used as the labels (pass y.ravel() to silence this).",
             DataConversionWarning,
-            stacklevel=_first_caller_outside(),
+            stacklevel=user_stacklevel(),
         )
         labels = labels[:, 0]
     if labels.ndim != 1:
@@ -297,7 +298,7 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
     return labels
 
 
-def _first_caller_outside() -> int:
+def user_stacklevel() -> int:
     """The stacklevel, for the caller of this function, of the user's code."""
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1

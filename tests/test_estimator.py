@@ -406,3 +406,14 @@ def test_directions_are_held_once_in_memory_and_in_a_pickle():
     assert_array_equal(again.directions_, est.directions_)
     for got, expected in zip(again.transform(X, y), est.transform(X, y)):
         assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["fit", "fit_transform"])
+def test_the_convergence_warning_points_at_the_callers_line(method):
+    from psmi_dask import ConvergenceWarning
+
+    X, y = _mixture(40, n=300)
+    est = PSMI(min_n_estimators=20, max_n_estimators=40, random_state=0)
+    with pytest.warns(ConvergenceWarning) as caught:
+        getattr(est, method)(X, y)
+    assert {w.filename for w in caught} == {__file__}
