@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 import dask.array as da
@@ -146,6 +147,26 @@ def _lost_data(error: BaseException) -> bool:
     return isinstance(error, FutureCancelledError)
 
 
+def _scheduler_gone(client: Any, error: BaseException) -> bool:
+    """Whether ``error`` came of the client losing its scheduler.
+
+    A call to the scheduler (gathering results asks it where they are) can
+    fail on the closed connection a moment before the client notices and
+    leaves the "running" state; such an error waits for it, briefly.
+    """
+    if not (_lost_data(error) or isinstance(error, OSError)):
+        return False
+    if "connection-lost" in str(error):
+        return True
+    deadline = time.monotonic() + (5.0 if isinstance(error, OSError) else 0.0)
+    while True:
+        if client.status != "running":
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def run_with_retries(work: Callable[[Backend], Any], max_in_flight: int) -> Any:
     """Run ``work(backend)``, again from the start if the cluster lost data.
 
@@ -159,17 +180,17 @@ def run_with_retries(work: Callable[[Backend], Any], max_in_flight: int) -> Any:
         try:
             return work(backend)
         except Exception as error:
-            if not isinstance(backend, DistributedBackend) or not _lost_data(error):
+            if not isinstance(backend, DistributedBackend):
                 raise
             client = backend.client
-            if client.status != "running" or "connection-lost" in str(error):
+            if _scheduler_gone(client, error):
                 raise SchedulerLostError(
                     f"Lost the connection to the Dask scheduler at "
                     f"{client.scheduler.address if client.scheduler else 'unknown'} "
                     "during the run; the estimator is left as it was before. "
                     "Connect a new Client and run again."
                 ) from error
-            if attempt == _ATTEMPTS:
+            if not _lost_data(error) or attempt == _ATTEMPTS:
                 raise
             logger.warning(
                 "the cluster lost data of this run (%s); running it again "

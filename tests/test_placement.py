@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from itertools import pairwise
 
 import pytest
+from distributed.comm.core import CommClosedError
 
-from psmi_dask._placement import chunk_ranges
+from psmi_dask._placement import _scheduler_gone, chunk_ranges
 
 
 @pytest.mark.parametrize(
@@ -38,3 +40,26 @@ def test_runs_follow_the_threads_of_each_worker():
 def test_fewer_chunks_than_threads_still_reach_every_worker():
     ranges = chunk_ranges(2, {"a": 2, "b": 2})
     assert sorted(worker for worker, _, _ in ranges) == ["a", "b"]
+
+
+class _Client:
+    """A client that notices its scheduler went away ``after`` seconds late."""
+
+    def __init__(self, after):
+        self.lost_at = time.monotonic() + after
+
+    @property
+    def status(self):
+        return "connecting" if time.monotonic() >= self.lost_at else "running"
+
+
+def test_a_comm_error_just_before_the_client_notices_is_a_lost_scheduler():
+    # Gathering asks the scheduler where results are; that call can fail on
+    # the closed connection before the client leaves the "running" state.
+    error = CommClosedError("in <TCP (closed) ConnectionPool.who_has>")
+    assert _scheduler_gone(_Client(after=0.3), error)
+
+
+def test_a_comm_error_with_the_scheduler_still_there_is_not():
+    assert not _scheduler_gone(_Client(after=60), CommClosedError("worker gone"))
+    assert not _scheduler_gone(_Client(after=0), ValueError("bad input"))
