@@ -152,13 +152,17 @@ def _scheduler_gone(client: Any, error: BaseException) -> bool:
 
     A call to the scheduler (gathering results asks it where they are) can
     fail on the closed connection a moment before the client notices and
-    leaves the "running" state; such an error waits for it, briefly.
+    leaves the "running" state; such an error waits for it, briefly. Other
+    OSErrors (a file a task could not read) are not waited on.
     """
+    from distributed.comm.core import CommClosedError
+
     if not (_lost_data(error) or isinstance(error, OSError)):
         return False
     if "connection-lost" in str(error):
         return True
-    deadline = time.monotonic() + (5.0 if isinstance(error, OSError) else 0.0)
+    wait = 5.0 if isinstance(error, CommClosedError) else 0.0
+    deadline = time.monotonic() + wait
     while True:
         if client.status != "running":
             return True

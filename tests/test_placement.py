@@ -63,3 +63,9 @@ def test_a_comm_error_just_before_the_client_notices_is_a_lost_scheduler():
 def test_a_comm_error_with_the_scheduler_still_there_is_not():
     assert not _scheduler_gone(_Client(after=60), CommClosedError("worker gone"))
     assert not _scheduler_gone(_Client(after=0), ValueError("bad input"))
+
+
+def test_an_error_reading_a_file_is_not_waited_on():
+    started = time.monotonic()
+    assert not _scheduler_gone(_Client(after=60), FileNotFoundError("X.zarr"))
+    assert time.monotonic() - started < 1
