@@ -47,15 +47,35 @@ def current_client() -> Any:
 
     A client can only exist once ``distributed`` is imported; not importing
     it here saves half a second on every cold start without a cluster.
+
+    A fit inside a task on a worker runs in that task, on the worker's own
+    threads: waiting there for blocks of its own would hold the very thread
+    they need, and a worker of one thread would wait forever. A task that
+    has left the worker's pool (``distributed.worker_client`` or
+    ``secede``) may use the cluster like any client.
     """
     if "distributed" not in sys.modules:
         return None
     from distributed import get_client
 
+    if _in_a_worker_task():
+        return None
     try:
         return get_client()
     except ValueError:
         return None
+
+
+def _in_a_worker_task() -> bool:
+    from distributed import get_worker
+    from distributed.threadpoolexecutor import thread_state
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    # The worker's pool sets ``proceed`` on its threads; secede clears it.
+    return bool(getattr(thread_state, "proceed", True))
 
 
 class DistributedBackend:

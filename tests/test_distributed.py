@@ -92,6 +92,35 @@ def test_local_clusters_give_the_threaded_bits(
         _wait_no_tasks(c)
 
 
+def _fit_in_a_task(X, y):
+    return PSMI(**KWARGS, max_n_estimators=1200).fit_transform(X, y)
+
+
+def _fit_having_seceded(X, y):
+    from distributed import worker_client
+
+    from psmi_dask._placement import current_client
+
+    with worker_client():
+        assert current_client() is not None  # the blocks go to the cluster
+        return _fit_in_a_task(X, y)
+
+
+@pytest.mark.parametrize("task", [_fit_in_a_task, _fit_having_seceded])
+def test_a_fit_inside_a_task_on_a_worker_of_one_thread_finishes(reference, task):
+    # Waiting in the task for blocks of its own once held the only thread.
+    X, y, expected = reference
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        futures = [c.submit(task, X, y, pure=False) for _ in range(2)]
+        for future in futures:
+            _assert_same(future.result(timeout=60), expected)
+
+
 def test_two_workers_give_the_threaded_bits_with_directions_sent_between_them():
     # Blocks of 100 directions over 16 features: where a worker's copy of
     # another's directions, misaligned in memory, once changed the bits.

@@ -2,7 +2,7 @@
 # psmi_dask on plain hosts: one runs `dask scheduler`, the others run
 # `dask worker`, and any machine that reaches the scheduler runs the fit.
 # Every host needs the same Python environment with psmi_dask installed
-# (pip install "psmi_dask[io]" of one version), and the features and the
+# (pip install "<clone of psmi_dask>[io]" of one commit), and the features and the
 # output directory at the same path (a shared file system), because the
 # workers read and write them directly.
 #
