@@ -612,8 +612,12 @@ class PSMI:
         source = self._direction_source(params, n_features)
         plan = self._plan(params, source)
         auto = params.n_estimators is None
-        if not auto:  # in auto mode a huge cap costs nothing if the rule holds
-            _check_memory(plan, n_samples, n_features, with_scores and not is_dask)
+        full_in_memory = with_scores and not is_dask
+        if auto:  # a huge cap costs nothing if the rule holds early
+            n_blocks = _blocks_in_memory(plan, n_samples, n_features, full_in_memory)
+        else:
+            _check_memory(plan, n_samples, n_features, full_in_memory)
+            n_blocks = plan.n_blocks
         rule = (
             StoppingRule(params.quantile, params.max_variation, params.milestone)
             if auto
@@ -656,6 +660,7 @@ class PSMI:
                     whole,
                     features,
                     sink,
+                    n_blocks,
                 )
                 self._set_fitted(fits, history, classes, codes, offset, rule, params)
                 if accumulator is None or not wants_outputs:
@@ -683,7 +688,14 @@ class PSMI:
         whole: bool,
         features: Any,
         sink: ColumnSink | None,
+        n_blocks: int,
     ) -> tuple[list[BlockFit], list[BlockRecord]]:
+        """Run up to ``n_blocks`` of ``plan``'s blocks; fewer if the rule holds.
+
+        In auto mode ``n_blocks`` may stop short of the cap, where memory
+        ends: reaching it without the rule met is an error, never a result
+        that depends on the machine.
+        """
         fits: list[BlockFit] = []
         history: list[BlockRecord] = []
         started = time.perf_counter()
@@ -743,11 +755,14 @@ class PSMI:
             run_blocks(
                 backend,
                 build,
-                plan.n_blocks,
+                n_blocks,
                 self._in_flight(params),
                 consume,
                 on_submit if ahead else None,
             )
+            if len(fits) < plan.n_blocks and rule is not None:
+                full = accumulator is not None and accumulator.keep_columns
+                _raise_if_out_of_memory(history[-1], rule, params, full)
             if ahead and accumulator is not None:
                 accumulator.keep(len(fits))
         finally:
@@ -995,6 +1010,49 @@ def _check_memory(plan: Plan, n_samples: int, n_features: int, full: bool) -> No
         f"n_estimators={plan.total} needs {needed / 2**30:,.1f} GiB for {what} "
         f"alone, more than this machine's {total / 2**30:,.1f} GiB of memory; "
         f"{fix}."
+    )
+
+
+def _memory_available() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _bytes_per_direction(n_samples: int, n_features: int, full: bool) -> int:
+    # Twice: the blocks' arrays, then the fitted ones joined from them.
+    return 2 * 8 * (n_features + (n_samples if full else 0))
+
+
+def _blocks_in_memory(plan: Plan, n_samples: int, n_features: int, full: bool) -> int:
+    """How many of an auto-mode plan's blocks the free memory can hold."""
+    per_block = plan.block_size * _bytes_per_direction(n_samples, n_features, full)
+    available = _memory_available()
+    n_blocks = min(plan.n_blocks, available // per_block)
+    if n_blocks < 1:
+        raise ValueError(
+            f"one block of min_n_estimators={plan.block_size} directions needs "
+            f"{per_block / 2**30:,.1f} GiB, more than the "
+            f"{available / 2**30:,.1f} GiB of memory free here; choose a smaller "
+            "min_n_estimators"
+            + (", or pass X as a dask array for a lazy psmi_full." if full else ".")
+        )
+    return int(n_blocks)
+
+
+def _raise_if_out_of_memory(
+    last: BlockRecord, rule: StoppingRule, params: Params, full: bool
+) -> None:
+    """Auto mode stopped where memory ends, not by its rule: say so."""
+    if last.variation is not None and rule.is_met(last.variation):
+        return
+    raise ValueError(
+        f"auto mode reached {last.n_estimators} directions without meeting the "
+        f"stopping rule, and the memory free when the fit began holds no more, "
+        f"short of max_n_estimators={params.max_n_estimators}; choose "
+        f"max_n_estimators <= {last.n_estimators} (the fit then ends there with "
+        "a ConvergenceWarning), a larger max_variation_of_the_lowest"
+        + (", or X as a dask array for a lazy psmi_full." if full else " instead.")
     )
 
 

@@ -12,7 +12,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from psmi_dask import PSMI, NotFittedError
+from psmi_dask import PSMI, ConvergenceWarning, NotFittedError
 
 
 def _data(seed=0, n_samples=40, n_features=4, n_classes=2):
@@ -473,3 +473,41 @@ def test_transform_refuses_a_psmi_full_beyond_memory(monkeypatch):
         est.transform(X, y)
     mean, std, full = est.transform(da.from_array(X, chunks=100), y)
     assert full.shape == (200, 50)  # lazy: nothing allocated yet
+
+
+def test_auto_mode_stops_with_an_error_where_free_memory_ends(monkeypatch):
+    # 50 features: 2 x 8 x 50 = 800 bytes a direction, 80,000 a block of 100.
+    import psmi_dask._estimator as estimator_module
+
+    X = np.random.default_rng(4).normal(size=(300, 50))
+    y = np.arange(300) % 3
+    never = dict(min_n_estimators=100, max_variation_of_the_lowest=0.0)
+    monkeypatch.setattr(estimator_module, "_memory_available", lambda: 7 * 80_000)
+    with pytest.raises(ValueError, match=r"^auto mode reached 700 directions .*"):
+        PSMI(**never, max_n_estimators=2000, random_state=0).fit(X, y)
+    with pytest.warns(ConvergenceWarning):  # the cap within memory: no error
+        est = PSMI(**never, max_n_estimators=700, random_state=0).fit(X, y)
+    assert est.n_estimators_ == 700
+    monkeypatch.setattr(estimator_module, "_memory_available", lambda: 79_999)
+    with pytest.raises(ValueError, match=r"one block of min_n_estimators=100 .*"):
+        PSMI(**never, random_state=0).fit(X, y)
+
+
+def test_a_rule_met_within_free_memory_gives_the_unbounded_result(monkeypatch):
+    import psmi_dask._estimator as estimator_module
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(3, size=400)
+    X = rng.normal(size=(400, 6)) + 0.5 * y[:, None]
+    kwargs = dict(min_n_estimators=50, max_n_estimators=5000, random_state=0)
+    expected = PSMI(**kwargs).fit_transform(X, y)
+    blocks = len(PSMI(**kwargs).fit(X, y).history_)
+    assert blocks < 100
+    # Room for the blocks the rule needs and one more, not for the cap's 100.
+    per_block = 50 * 2 * 8 * (6 + 400)
+    monkeypatch.setattr(
+        estimator_module, "_memory_available", lambda: (blocks + 1) * per_block
+    )
+    got = PSMI(**kwargs).fit_transform(X, y)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
