@@ -483,6 +483,8 @@ def _run(
     overwrite: bool,
 ) -> None:
     from psmi_dask.io import (
+        _overlaps,
+        _split_member,
         estimator_record,
         package_versions,
         result_paths,
@@ -492,6 +494,12 @@ def _run(
 
     started = time.perf_counter()
     paths = result_paths(out)
+    for what, given in (("FEATURES", features), ("LABELS", labels)):
+        source = _split_member(given, None, "")[0]
+        if any(_overlaps(path, source) for path in paths.values()):
+            raise InputError(
+                f"-o {out!r} would write over {what} {given!r}; choose another -o."
+            )
     if not overwrite:
         wanted = ["psmi_mean", "record"] + (["psmi_full"] if full else [])
         for name in wanted:

@@ -97,6 +97,39 @@ def _split_member(
     return Path(head), tail
 
 
+# The dask arrays open_features made, by name, with the file each reads:
+# save_results will not write over a file that a lazy result still reads.
+_SOURCES: dict[str, Path] = {}
+
+
+def _opened(array: da.Array, path: Path) -> da.Array:
+    _SOURCES[array.name] = path.resolve()
+    return array
+
+
+def _overlaps(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether writing ``a`` could touch ``b``: the same path, or one in the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _refuse_writing_over_sources(
+    outputs: Sequence[Path], arrays: dict[str, Any]
+) -> None:
+    for name, values in arrays.items():
+        if not isinstance(values, da.Array):
+            continue
+        layers = getattr(values.__dask_graph__(), "layers", {})
+        for source in (_SOURCES[layer] for layer in layers if layer in _SOURCES):
+            for output in outputs:
+                if _overlaps(output, source):
+                    raise ValueError(
+                        f"output {str(output)!r} would write over "
+                        f"{str(source)!r}, which {name} is still computed "
+                        "from; choose another output."
+                    )
+
+
 def _check_exists(path: Path, what: str) -> None:
     if not path.exists():
         raise ValueError(
@@ -448,12 +481,13 @@ def open_features(
     _check_exists(path, "features")
     kind = _detect_format(path)
     if kind == "zarr":
-        return _open_zarr_features(path, dataset, chunk_rows)
+        return _opened(_open_zarr_features(path, dataset, chunk_rows), path)
     if kind in ("hdf5", "npy"):
         _check_signature(path, kind)
     if kind == "hdf5":
         name = _hdf5_dataset_name(path, dataset, "features", "dataset")
-        return _from_source(HDF5Source(path, name), path, chunk_rows, "hdf5")
+        hdf5 = HDF5Source(path, name)
+        return _opened(_from_source(hdf5, path, chunk_rows, "hdf5"), path)
     if kind == "npy":
         if dataset is not None:
             raise ValueError(
@@ -467,7 +501,7 @@ def open_features(
                 f"could not read {str(path)!r} as .npy ({error}); save the "
                 f"features with numpy.save as a numeric array."
             ) from error
-        return _from_source(source, path, chunk_rows, "npy")
+        return _opened(_from_source(source, path, chunk_rows, "npy"), path)
     raise ValueError(
         f"features file {str(path)!r} is in a format psmi_dask does not read; "
         f"give {FEATURE_FORMATS}."
@@ -879,14 +913,16 @@ def save_results(
     Raises
     ------
     ValueError
-        If the extension is not supported, or an output exists and
-        ``overwrite`` is False.
+        If the extension is not supported, an output exists and
+        ``overwrite`` is False, or an output would write over a file opened
+        by :func:`open_features` that a lazy result is still computed from.
     """
     paths = result_paths(out)
     arrays: dict[str, Any] = {"psmi_mean": psmi_mean, "psmi_std": psmi_std}
     if psmi_full is not None:
         arrays["psmi_full"] = psmi_full
     written = {name: paths[name] for name in arrays}
+    _refuse_writing_over_sources([*written.values(), paths["record"]], arrays)
     _remove_existing(list(written.values()), overwrite)
 
     suffix = Path(out).suffix.lower()

@@ -263,6 +263,55 @@ def test_run_refuses_to_overwrite(data, tmp_path):
     assert re.search(r"already exists; pass --overwrite", result.stderr)
 
 
+@pytest.mark.parametrize(
+    "features, labels, out",
+    [
+        ("X.zarr", "y.npy", "X.zarr"),
+        ("group.zarr:X", "group.zarr:y", "group.zarr"),
+        ("X.npy", "y.csv", "y.csv"),
+    ],
+)
+def test_run_never_writes_over_its_inputs(data, tmp_path, features, labels, out):
+    # With --overwrite, such an -o once replaced the features it was still
+    # reading, and wrote a psmi_full computed from the wreck.
+    X, y = np.load(data / "X.npy"), np.load(data / "y.npy")
+    zarr.create_array(str(tmp_path / "X.zarr"), data=X, chunks=(100, 4))
+    group = zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
+    group.create_array("X", data=X, chunks=(100, 4))
+    group.create_array("y", data=y)
+    np.save(tmp_path / "X.npy", X)
+    (tmp_path / "y.csv").write_text("".join(f"{label}\n" for label in y))
+    before = {
+        path.name: sorted(p.read_bytes() for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.read_bytes()
+        for path in tmp_path.iterdir()
+    }
+
+    result = invoke(
+        "run",
+        tmp_path / features,
+        tmp_path / labels,
+        "-o",
+        tmp_path / out,
+        "--overwrite",
+        "--full",
+        *FIXED,
+    )
+
+    assert result.exit_code == 1
+    assert re.search(
+        r"would write over (FEATURES|LABELS) .*choose another -o", result.stderr
+    )
+    after = {
+        path.name: sorted(p.read_bytes() for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.read_bytes()
+        for path in tmp_path.iterdir()
+    }
+    assert after == before
+
+
 def io_loop_threads():
     return sum(thread.name == "IO loop" for thread in threading.enumerate())
 

@@ -533,3 +533,32 @@ def test_fit_reads_stored_chunks_alike_whatever_the_chunks(files, labels, monkey
     assert counts[1] == counts[0]
     assert counts[2] == counts[0]
     assert max(counts[0].values()) <= 2 * estimator.n_blocks_ + 1
+
+
+@pytest.mark.parametrize("member", [None, "X"])
+def test_save_results_never_writes_over_the_features_it_reads(
+    tmp_path, features, labels, member
+):
+    # With overwrite=True this once replaced the features a lazy psmi_full
+    # was still reading, and wrote a psmi_full computed from the wreck.
+    from psmi_dask import PSMI
+
+    path = tmp_path / "X.zarr"
+    if member is None:
+        write_zarr(path, features)
+    else:
+        group = zarr.open_group(str(path), mode="w")
+        group.create_array(member, data=features, chunks=(STORED_ROWS, N_FEATURES))
+    stored = sorted(p.read_bytes() for p in path.rglob("*") if p.is_file())
+    X = open_features(path, dataset=member)
+    est = PSMI(n_estimators=20, random_state=0)
+    mean, std, full = est.fit_transform(X, labels)
+
+    with pytest.raises(ValueError, match=r"would write over .* psmi_full is still"):
+        save_results(path, mean, std, full, overwrite=True)
+
+    assert stored == sorted(p.read_bytes() for p in path.rglob("*") if p.is_file())
+    save_results(tmp_path / "out.zarr", mean, std, full)  # beside it: written
+    expected = est.transform(features, labels)[2]
+    got = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["psmi_full"][:]
+    assert_array_equal(got, expected)
