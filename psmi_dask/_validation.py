@@ -290,10 +290,11 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
             f"rows and y with {labels.shape[0]} labels."
         )
     missing = _missing(labels)
-    if missing:
+    if missing.any():
         raise ValueError(
-            f"y must not contain missing labels (NaN or None), got {missing}; drop "
-            "those samples or give them a label."
+            f"y must not contain missing labels (NaN, None or NA), got "
+            f"{int(missing.sum())} (the first at index {int(np.argmax(missing))}); "
+            "drop those samples or give them a label."
         )
     return labels
 
@@ -309,26 +310,31 @@ def user_stacklevel() -> int:
     return level
 
 
-def _missing(labels: np.ndarray) -> int:
-    """How many labels are NaN, or None or NaN among objects."""
+def _missing(labels: np.ndarray) -> np.ndarray:
+    """Which labels are NaN, or missing values among objects."""
     if labels.dtype.kind == "f":
-        return int(np.isnan(labels).sum())
+        return np.isnan(labels)
     if labels.dtype != object:
-        return 0
-    return sum(
-        1
-        for label in labels.tolist()
-        if label is None
-        or (isinstance(label, (float, np.floating)) and math.isnan(label))
-    )
+        return np.zeros(labels.shape, dtype=bool)
+    return np.fromiter(map(_is_missing, labels.tolist()), bool, labels.shape[0])
+
+
+def _is_missing(label: Any) -> bool:
+    """None, a float NaN, or pandas's NA or NaT (pandas is never imported)."""
+    if label is None:
+        return True
+    if isinstance(label, (float, np.floating)):
+        return math.isnan(label)
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and (label is pandas.NA or label is pandas.NaT)
 
 
 def _as_label_array(y: Any) -> np.ndarray:
     """A 1-D array of labels; a list keeps each label whole and its type."""
     if not isinstance(y, (list, tuple)):
         return np.asarray(y)
-    # None is a missing label, reported as such by the caller.
-    types = {type(label) for label in y} - {type(None)}
+    # A missing label is reported as such by the caller.
+    types = {type(label) for label in y if not _is_missing(label)}
     if len(types) > 1 and not all(issubclass(t, Number) for t in types):
         names = ", ".join(sorted(t.__name__ for t in types))
         raise TypeError(

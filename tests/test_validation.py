@@ -253,13 +253,26 @@ def test_mixed_label_types_in_a_list_raise_type_error():
         np.array([np.float32("nan"), "a"] * 20, dtype=object),
         [None, 1] * 20,
         [None, "a"] * 20,
+        "pandas NA in objects",
+        "pandas NA in a list",
+        "pandas NA in a string Series",
     ],
 )
 def test_missing_labels_raise(labels):
     X, _ = _data()
+    if isinstance(labels, str):
+        pd = pytest.importorskip("pandas")
+        values = [pd.NA, "a"] * 20
+        labels = {
+            "pandas NA in objects": np.array(values, dtype=object),
+            "pandas NA in a list": values,
+            "pandas NA in a string Series": pd.Series(values, dtype="string"),
+        }[labels]
 
     with pytest.raises(
-        ValueError, match=r"y must not contain missing labels \(NaN or None\), got 20"
+        ValueError,
+        match=r"y must not contain missing labels \(NaN, None or NA\), got 20 "
+        r"\(the first at index [01]\)",
     ):
         PSMI(n_estimators=10).fit(X, labels)
 
