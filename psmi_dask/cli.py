@@ -67,14 +67,25 @@ class MemoryLimit(click.ParamType):
         if value == "auto":
             return value
         try:
-            parse_bytes(value)
+            size = parse_bytes(value)
         except (ValueError, TypeError):
             self.fail(
                 f"expected a size such as '2GiB' or '500MB', or 'auto', got {value!r}.",
                 param,
                 ctx,
             )
+        if size < _LEAST_MEMORY_LIMIT:
+            self.fail(
+                f"expected at least 256MiB, got {value!r}: a Dask worker takes "
+                "about 100 MiB before it computes anything, and pauses at 80% "
+                "of its limit.",
+                param,
+                ctx,
+            )
         return str(value)
+
+
+_LEAST_MEMORY_LIMIT = 256 * 2**20
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,7 +148,30 @@ def _cluster(
         ) as cluster,
         Client(cluster) as client,
     ):
+        _check_room(client)
         yield {"kind": "local", "memory_limit": memory_limit, **_workers_of(client)}
+
+
+def _check_room(client: Any) -> None:
+    """Refuse workers whose memory limit leaves them paused from the start.
+
+    A paused worker runs no task, so the fit would wait forever.
+    """
+    import dask
+
+    pause = dask.config.get("distributed.worker.memory.pause")
+
+    def room(dask_worker: Any) -> tuple[int, int | None]:
+        used = dask_worker.monitor.get_process_memory()
+        return used, dask_worker.memory_manager.memory_limit
+
+    for used, limit in client.run(room).values():
+        if limit and pause and used >= pause * limit:
+            raise InputError(
+                f"--memory-limit {limit / 2**20:,.0f} MiB leaves a worker no "
+                f"room: it takes {used / 2**20:,.0f} MiB at start and pauses at "
+                f"{pause:.0%} of its limit; give a larger --memory-limit."
+            )
 
 
 def _probe_scheduler(address: str, timeout: float) -> None:

@@ -7,6 +7,7 @@ import re
 import threading
 import time
 
+import dask
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -376,6 +377,10 @@ def test_run_malformed_scheduler_address(data, tmp_path):
             ["--workers", "2", "--scheduler", "tcp://x:1"],
             r"either --scheduler or --workers",
         ),
+        (
+            ["--workers", "1", "--memory-limit", "100MB"],
+            r"expected at least 256MiB, got '100MB'",
+        ),
     ],
 )
 def test_run_option_errors(data, tmp_path, extra, match):
@@ -471,3 +476,27 @@ def test_run_refuses_an_output_folder_that_does_not_exist_before_computing(tmp_p
     )
     assert result.exit_code == 1
     assert "does not exist; create it" in result.output
+
+
+def test_run_refuses_workers_paused_from_the_start(data, tmp_path):
+    # A worker over its pause threshold runs no task: the fit would wait
+    # forever. Here every worker pauses at 1% of its 1 GiB.
+    started = time.perf_counter()
+    with dask.config.set({"distributed.worker.memory.pause": 0.01}):
+        result = invoke(
+            "run",
+            data / "X.npy",
+            data / "y.npy",
+            "-o",
+            tmp_path / "r.zarr",
+            "--workers",
+            "1",
+            "--memory-limit",
+            "1GiB",
+            *FIXED,
+        )
+
+    assert result.exit_code == 1
+    assert re.search(r"--memory-limit 1,024 MiB leaves a worker no room", result.stderr)
+    assert time.perf_counter() - started < 60
+    assert not (tmp_path / "r.zarr").exists()
