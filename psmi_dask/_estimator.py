@@ -209,9 +209,9 @@ class PSMI:
         chunk_size the result is the same to the bit whatever the input's
         own chunks. Two different chunk_size values sum the class moments in
         a different order, and BLAS may round a sample's projections by
-        where it falls in its chunk: they may differ in the last bits
-        (within 1e-12 relative). Below a few hundred rows, Dask's cost per
-        task outweighs the work in it.
+        where it falls in its chunk: they may differ in the last bits, by
+        less than 1e-12 of the outputs' scale. Below a few hundred rows,
+        Dask's cost per task outweighs the work in it.
     max_blocks_in_flight : int or "auto", default="auto"
         Blocks computed at once; "auto" is one per core on the threaded
         scheduler and two per worker thread on a cluster. Blocks

@@ -373,6 +373,23 @@ def test_a_samples_outputs_barely_depend_on_the_samples_beside_it(rows):
         assert_allclose(part, whole[rows], rtol=1e-12, atol=1e-12 * scale)
 
 
+@pytest.mark.parametrize("chunk_size", [777, 3000])
+def test_another_chunk_size_moves_outputs_by_less_than_1e_12_of_their_scale(
+    chunk_size,
+):
+    # Weak labels: many PSMI values near 0, differences of larger terms,
+    # which move more than 1e-12 relative to themselves (README).
+    rng = np.random.default_rng(23)
+    y = rng.integers(2, size=6000)
+    X = rng.normal(size=(6000, 32))
+    X[:, 0] += 0.01 * y
+    kwargs = dict(n_estimators=300, random_state=7)
+    expected = PSMI(**kwargs, chunk_size=1024).fit_transform(X, y)
+    got = PSMI(**kwargs, chunk_size=chunk_size).fit_transform(X, y)
+    for part, whole in zip(got, expected):
+        assert_allclose(part, whole, rtol=0, atol=1e-12 * np.abs(whole).max())
+
+
 def test_whole_chunks_of_samples_transform_to_the_same_bits_alone():
     # The same rows in a chunk of the same size: the same products, so the
     # same bits, whatever follows them.
