@@ -590,7 +590,7 @@ class PSMI:
                 "give more directions, lower min_n_estimators, or set n_estimators "
                 "to use them all in fixed mode"
                 if given
-                else "raise max_n_estimators or milestone"
+                else _more_blocks_or_milestone(params, n_blocks)
             )
             raise ValueError(
                 f"In auto mode the stopping rule needs floor(k * milestone) >= 1 "
@@ -1011,6 +1011,15 @@ def _check_memory(plan: Plan, n_samples: int, n_features: int, full: bool) -> No
         f"alone, more than this machine's {total / 2**30:,.1f} GiB of memory; "
         f"{fix}."
     )
+
+
+def _more_blocks_or_milestone(params: Params, n_blocks: int) -> str:
+    """The smallest changes that make the auto-mode rule testable."""
+    needed = math.ceil(1 / params.milestone) * params.block_size
+    fix = f"raise max_n_estimators to {needed}"
+    if n_blocks >= 2:  # milestone < 1: one block can never be tested
+        fix += f" or milestone to {math.ceil(1e4 / n_blocks) / 1e4:g}"
+    return fix
 
 
 def _memory_available() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 import warnings
@@ -33,6 +34,29 @@ class InputError(click.ClickException):
 
     def format_message(self) -> str:
         return " ".join(self.message.split())
+
+
+# The Python API's names in library messages, and the options that set them
+# here; a library error is reported in the terms of the command line.
+_OPTIONS = {
+    r"the labels with dataset=": "the labels with --labels-dataset ",
+    r"the features with dataset=": "the features with --dataset ",
+    r"\bcolumn=NAME": "--labels-column NAME",
+    r"\bn_estimators\b": "--n-estimators",
+    r"\bmin_n_estimators\b": "--block-size",
+    r"\bmax_n_estimators\b": "--max-n-estimators",
+    r"\blowest_psmi_quantile\b": "--quantile",
+    r"\bmax_variation_of_the_lowest\b": "--max-variation",
+    r"\bmilestone\b(?!\))": "--milestone",
+    r"\brandom_state\b": "--seed",
+    r"\bchunk_rows=": "--chunk-rows=",
+}
+
+
+def _in_cli_terms(message: str) -> str:
+    for api, option in _OPTIONS.items():
+        message = re.sub(api, option, message)
+    return message
 
 
 class NEstimators(click.ParamType):
@@ -265,7 +289,10 @@ def _fit(
         warnings.simplefilter("always")
         psmi_mean, psmi_std, psmi_full = estimator.fit_transform(X, y)
         psmi_mean, psmi_std = dask.compute(psmi_mean, psmi_std)
-    messages = [f"{item.category.__name__}: {item.message}" for item in caught]
+    messages = [
+        f"{item.category.__name__}: {_in_cli_terms(str(item.message))}"
+        for item in caught
+    ]
     return estimator, np.asarray(psmi_mean), np.asarray(psmi_std), psmi_full, messages
 
 
@@ -501,7 +528,7 @@ def run(
             overwrite=overwrite,
         )
     except (ValueError, OSError, ImportError) as error:
-        raise InputError(str(error)) from error
+        raise InputError(_in_cli_terms(str(error))) from error
 
 
 def _run(
@@ -682,7 +709,7 @@ def demo(
             progress=progress,
         )
     except (ValueError, OSError, ImportError) as error:
-        raise InputError(str(error)) from error
+        raise InputError(_in_cli_terms(str(error))) from error
 
     n_flipped = int(result.flipped.sum())
     click.echo(

@@ -214,7 +214,7 @@ ERRORS = [
     (["X.npy", "y_short.npy"], r"holds 149 labels, but FEATURES .* holds 150 samples"),
     (["data.h5", "y.npy"], r"holds datasets \['X', 'y'\]; choose the features"),
     (["data.h5", "y.npy", "--dataset", "Z"], r"has no dataset 'Z'"),
-    (["X.npy", "y.csv"], r"has 2 columns; name the label column"),
+    (["X.npy", "y.csv"], r"has 2 columns; name the label column with --labels-column"),
     (["X.npy", "y.csv:class"], r"has no column 'class'"),
     (["X.npy", "y_lone.npy"], r"at least 2 samples.*\b9\b"),
     (["X_nan.npy", "y.npy"], r"X must be finite"),
@@ -500,3 +500,24 @@ def test_run_refuses_workers_paused_from_the_start(data, tmp_path):
     assert re.search(r"--memory-limit 1,024 MiB leaves a worker no room", result.stderr)
     assert time.perf_counter() - started < 60
     assert not (tmp_path / "r.zarr").exists()
+
+
+def test_library_errors_are_told_in_the_command_lines_terms(data, tmp_path):
+    result = invoke(
+        "run",
+        data / "X.npy",
+        data / "y.npy",
+        "-o",
+        tmp_path / "r.zarr",
+        "--max-n-estimators",
+        "30",
+        "--block-size",
+        "20",
+    )
+
+    assert result.exit_code == 1
+    assert re.search(
+        r"but --max-n-estimators=30 allow only 1 block\(s\) of --block-size=20 "
+        r"with --milestone=0.5; raise --max-n-estimators to 40\.",
+        result.stderr,
+    ), result.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import dask
 import dask.array as da
 import numpy as np
@@ -9,7 +12,7 @@ import psmi
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from psmi_dask import PSMI
+from psmi_dask import PSMI, ConvergenceWarning
 
 # pmi near 0 is the difference of two O(1) logs: absolute agreement there.
 RTOL, ATOL = 1e-9, 1e-12
@@ -268,6 +271,31 @@ def test_auto_mode_refuses_a_rule_that_can_never_be_tested(kwargs):
     X, y = _mixture(17, n=60, d=3)
     with pytest.raises(ValueError, match="floor\\(k \\* milestone\\) >= 1"):
         PSMI(**kwargs).fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fixes",
+    [
+        (dict(max_n_estimators=60, milestone=0.3), {"max_n_estimators", "milestone"}),
+        (dict(max_n_estimators=30, milestone=0.5), {"max_n_estimators"}),
+    ],
+)
+def test_the_fixes_offered_for_an_untestable_rule_work(kwargs, fixes):
+    # milestone < 1, so with one block no milestone helps; none is offered.
+    X, y = _mixture(17, n=60, d=3)
+    kwargs = dict(kwargs, min_n_estimators=20, random_state=0)
+    with pytest.raises(ValueError) as error:
+        PSMI(**kwargs).fit(X, y)
+    offered = {
+        name: float(value)
+        for name, value in re.findall(r"(\w+) to (\d+(?:\.\d+)?)", str(error.value))
+    }
+    assert set(offered) == fixes
+    for name, value in offered.items():
+        changed = dict(kwargs, **{name: int(value) if value >= 1 else value})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            PSMI(**changed).fit(X, y)
 
 
 def test_data_too_small_for_float64_is_an_error_not_zero():
