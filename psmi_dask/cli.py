@@ -492,6 +492,11 @@ def run(
         workers is not None or threads_per_worker is not None
     ):
         raise click.UsageError("give either --scheduler or --workers, not both.")
+    if threads_per_worker is not None and workers is None:
+        raise click.UsageError(
+            "--threads-per-worker sets the threads of the local workers; give "
+            "--workers too."
+        )
 
     params = {
         "n_estimators": n_estimators,
@@ -659,7 +664,9 @@ def _run(
 )
 @click.option(
     "--samples",
-    type=click.IntRange(min=20),
+    # The fewest first digits in which every class keeps two samples after
+    # the demo's flips (fewer leave a class of one: no spread to fit).
+    type=click.IntRange(min=24),
     default=None,
     help="Use only the first N digits, for a quick check (default: all 1,797).",
 )

@@ -666,9 +666,22 @@ def _read_dataset_labels(path: Path, dataset: str | None, kind: str) -> np.ndarr
 def _read_text_labels(path: Path, column: str | None) -> np.ndarray:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.reader(handle, delimiter=delimiter) if row]
+        reader = csv.reader(handle, delimiter=delimiter)
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
+    while rows and not rows[-1]:  # blank lines at the end
+        rows.pop()
     if not rows:
         raise ValueError(f"labels file {str(path)!r} is empty.")
+    blank = next((line for row, line in zip(rows, lines) if not row), None)
+    if blank is not None:
+        # Dropping it would pair every later label with the wrong sample.
+        raise ValueError(
+            f"line {blank} of {str(path)!r} is blank; give every sample a label "
+            "on a line of its own."
+        )
 
     if column is None:
         widths = {len(row) for row in rows}

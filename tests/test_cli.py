@@ -381,6 +381,7 @@ def test_run_malformed_scheduler_address(data, tmp_path):
             ["--workers", "1", "--memory-limit", "100MB"],
             r"expected at least 256MiB, got '100MB'",
         ),
+        (["--threads-per-worker", "2"], r"--threads-per-worker .* give --workers"),
     ],
 )
 def test_run_option_errors(data, tmp_path, extra, match):
@@ -459,6 +460,18 @@ def test_demo_reduced(tmp_path):
     record = json.loads((tmp_path / "digits_psmi.csv.json").read_text())
     assert record["auroc"] == pytest.approx(auroc, abs=1e-4)
     assert len(record["data"]["flipped"]) == 20
+
+
+@pytest.mark.filterwarnings("ignore::psmi_dask.ConvergenceWarning")
+def test_demo_runs_on_the_fewest_samples_it_accepts(tmp_path):
+    args = ["--workers", "0", "--block-size", "20", "--max-n-estimators", "100"]
+    result = invoke("demo", "-o", tmp_path, "--samples", "24", *args)
+    assert result.exit_code == 0, result.output
+    assert "24 samples, 1 labels flipped" in result.stdout
+
+    result = invoke("demo", "-o", tmp_path, "--samples", "23", *args)
+    assert result.exit_code == 2
+    assert "23 is not in the range x>=24" in result.stderr
 
 
 def test_run_refuses_an_output_folder_that_does_not_exist_before_computing(tmp_path):

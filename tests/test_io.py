@@ -339,6 +339,7 @@ def test_labels_beside_the_features(files, labels, tmp_path):
         ("grid.npy", {}, r"shape \(2, 2\), but one label per sample"),
         ("objects.npy", {}, r"not an object array"),
         ("empty.txt", {}, r"is empty"),
+        ("blank.txt", {}, r"line 2 of .*blank\.txt' is blank; give every sample"),
         ("y.h5", {"column": "y"}, r"is an HDF5 file; name its labels with dataset="),
         ("y.h5", {"dataset": "z"}, r"has no dataset 'z'"),
     ],
@@ -346,6 +347,7 @@ def test_labels_beside_the_features(files, labels, tmp_path):
 def test_open_labels_errors(tmp_path, name, options, match):
     (tmp_path / "y.json").write_text("[1, 2]")
     (tmp_path / "meta.csv").write_text("id,label\n0,1\n1,2\n")
+    (tmp_path / "blank.txt").write_text("1\n\n2\n1\n")
     (tmp_path / "header.csv").write_text("label\n1\n2\n1\n")
     np.save(tmp_path / "grid.npy", np.zeros((2, 2)))
     np.save(tmp_path / "objects.npy", np.array([{}, []], dtype=object))
@@ -355,6 +357,14 @@ def test_open_labels_errors(tmp_path, name, options, match):
 
     with pytest.raises(ValueError, match=match):
         open_labels(tmp_path / name, **options)
+
+
+def test_blank_lines_at_the_end_of_a_labels_file_are_no_labels(tmp_path):
+    (tmp_path / "y.csv").write_text("id,label\n0,1\n1,2\n\n\n")
+    (tmp_path / "y.txt").write_text("a\nb\n\n")
+
+    assert_array_equal(open_labels(tmp_path / "y.csv", column="label"), [1, 2])
+    assert_array_equal(open_labels(tmp_path / "y.txt"), ["a", "b"])
 
 
 def test_member_given_twice_must_agree(tmp_path):
