@@ -380,7 +380,8 @@ def encode_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     small = np.flatnonzero(counts < 2)
     if small.size:
         listed = ", ".join(
-            f"{_shown(classes[i])} ({counts[i]} sample)" for i in small[:_MAX_LISTED]
+            f"label {_shown(classes[i])} ({counts[i]} sample)"
+            for i in small[:_MAX_LISTED]
         ) + (
             f" and {small.size - _MAX_LISTED} more" if small.size > _MAX_LISTED else ""
         )

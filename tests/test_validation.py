@@ -187,7 +187,7 @@ def test_class_with_fewer_than_2_samples_raises_naming_it(
 ):
     X, _ = _data()
     est = PSMI(n_estimators=n_estimators, min_n_estimators=10)
-    named = ", ".join(rf"{_named(label)} \(1 sample\)" for label in listed)
+    named = ", ".join(rf"label {_named(label)} \(1 sample\)" for label in listed)
 
     with pytest.raises(ValueError, match=rf"at least 2 samples.*: {named}\."):
         est.fit(X, _as(kind, y))
