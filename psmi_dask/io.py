@@ -231,6 +231,13 @@ def _aligned_rows(
 
 
 def _check_feature_array(shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
+    if dtype.names:
+        raise ValueError(
+            f"features in {where} are a structured array with fields "
+            f"{list(dtype.names)}, but a 2-D numeric array was expected; stack "
+            "the fields into columns (numpy.lib.recfunctions."
+            "structured_to_unstructured) and save that."
+        )
     if len(shape) != 2:
         raise ValueError(
             f"features in {where} have shape {shape}, but a 2-D array of shape "

@@ -245,6 +245,7 @@ def test_integer_and_bool_features_keep_their_dtype(tmp_path):
         ("one.npy", None, r"shape \(10,\), but a 2-D array .* was expected"),
         ("cube.npy", None, r"shape \(2, 2, 2\), but a 2-D array"),
         ("text.npy", None, r"dtype <U1, but a numeric"),
+        ("fields.npy", None, r"structured array with fields \['a', 'b'\]"),
         ("empty.zarr", None, r"could not open .*empty\.zarr' as zarr"),
     ],
 )
@@ -261,6 +262,7 @@ def test_open_features_errors(tmp_path, features, name, dataset, match):
     np.save(tmp_path / "one.npy", np.zeros(10))
     np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2)))
     np.save(tmp_path / "text.npy", np.array([["a", "b"]]))
+    np.save(tmp_path / "fields.npy", np.zeros(10, dtype=[("a", "f8"), ("b", "f8")]))
     (tmp_path / "empty.zarr").mkdir()
 
     with pytest.raises(ValueError, match=match):
