@@ -169,6 +169,7 @@ def _cluster(
             # Workers log a warning for every block released after the
             # stop; only errors are worth showing.
             silence_logs=logging.ERROR,
+            preload=["psmi_dask._worker_setup"],
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import cloudpickle
 import dask.array as da
@@ -366,6 +367,45 @@ def test_c17_script_without_main_guard_fails_fast_with_advice(tmp_path):
     assert time.monotonic() - started < 90
     assert run.returncode != 0
     assert "if __name__ == '__main__':" in run.stderr
+
+
+def test_ctrl_c_on_a_cli_run_with_local_workers_is_one_short_message(tmp_path):
+    # A terminal sends SIGINT to the whole process group: once, every worker
+    # printed a KeyboardInterrupt traceback of its own.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "X.npy", rng.normal(size=(20_000, 64)))
+    np.save(tmp_path / "y.npy", rng.integers(4, size=20_000))
+    run = subprocess.Popen(
+        [str(Path(sys.executable).with_name("psmi-dask")), "-v", "run", "X.npy"]
+        + ["y.npy"]
+        + ["-o", "out.zarr", "--workers", "2", "--n-estimators", "200000"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in run.stderr:  # the fit has begun: workers are up
+            if "block 0 done" in line:
+                break
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode != 0
+    assert "KeyboardInterrupt" not in err, err
+    assert "Aborted!" in err
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        left = subprocess.run(
+            ["pgrep", "-a", "-g", str(run.pid)], capture_output=True, text=True
+        ).stdout
+        if not left:
+            break
+        time.sleep(0.2)
+    assert left == "", left
 
 
 def test_c17_two_cli_runs_in_a_row_leave_no_port_warning_or_processes(tmp_path):
