@@ -43,6 +43,7 @@ from psmi_dask._numerics import (
 from psmi_dask._placement import (
     as_dask,
     default_in_flight,
+    ensure_a_running_worker,
     place,
     run_with_retries,
     share,
@@ -450,6 +451,7 @@ class PSMI:
         """
         X, y = _psmi_names("transform", X, y, features, labels)
         self._check_fitted()
+        ensure_a_running_worker()  # checking dask input computes on it
         features = check_features(X, self.n_features_in_, min_samples=1)
         labels = check_labels(y, features.shape[0])
         codes = encode_known_labels(labels, self.classes_)
@@ -604,6 +606,7 @@ class PSMI:
         for name in _FITTED:
             self.__dict__.pop(name, None)
         params = check_params(self)
+        ensure_a_running_worker()  # checking dask input computes on it
         features = check_features(X)
         labels = check_labels(y, features.shape[0])
         classes, codes = encode_labels(labels)

@@ -29,6 +29,7 @@ __all__ = [
     "chunk_ranges",
     "current_client",
     "default_in_flight",
+    "ensure_a_running_worker",
     "place",
     "run_with_retries",
     "as_dask",
@@ -78,6 +79,47 @@ def _in_a_worker_task() -> bool:
     return bool(getattr(thread_state, "proceed", True))
 
 
+def ensure_a_running_worker() -> None:
+    """On a cluster, wait for a worker that can take tasks (see below)."""
+    client = current_client()
+    if client is not None:
+        _wait_for_a_running_worker(client)
+
+
+def _wait_for_a_running_worker(client: Any) -> None:
+    """Return once a worker can take tasks; raise TimeoutError if none does.
+
+    With no worker, or with every worker paused (its memory past the pause
+    threshold), submitted blocks would wait forever. Workers still starting
+    are waited for as long as a connection would be.
+    """
+    import dask
+    from dask.utils import parse_timedelta
+
+    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = client.scheduler_info()["workers"].values()
+        if any(worker.get("status") == "running" for worker in workers):
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    address = client.scheduler.address if client.scheduler else "unknown"
+    if not workers:
+        raise TimeoutError(
+            f"the Dask cluster at {address} has no workers (waited {timeout:g} "
+            f"s); start some, such as `dask worker {address}`, or connect to "
+            "another scheduler."
+        )
+    raise TimeoutError(
+        f"every worker of the Dask cluster at {address} is paused (waited "
+        f"{timeout:g} s): its memory is past the pause threshold of its "
+        "limit (distributed.worker.memory.pause), so it runs no task; give "
+        "the workers more memory, or restart them."
+    )
+
+
 class DistributedBackend:
     """Blocks as futures on a distributed cluster.
 
@@ -87,6 +129,7 @@ class DistributedBackend:
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        _wait_for_a_running_worker(client)
         nthreads = client.nthreads()
         self.n_threads = max(1, sum(nthreads.values()))
         # Results straight from the workers when they are surely reachable:

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import cloudpickle
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -120,6 +121,33 @@ def test_a_fit_inside_a_task_on_a_worker_of_one_thread_finishes(reference, task)
         futures = [c.submit(task, X, y, pure=False) for _ in range(2)]
         for future in futures:
             _assert_same(future.result(timeout=60), expected)
+
+
+@pytest.mark.parametrize("paused", [False, True])
+def test_a_cluster_with_no_worker_able_to_run_is_a_clear_error(paused):
+    # No worker, or only paused ones: blocks once waited forever (or failed
+    # on an empty max()).
+    X, y = _data(n=200)
+    config = {"distributed.comm.timeouts.connect": "2s"}
+    if paused:  # every worker past its pause threshold from the start
+        config["distributed.worker.memory.pause"] = 0.01
+    with (
+        dask.config.set(config),
+        LocalCluster(
+            n_workers=int(paused), memory_limit="1GiB", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        while paused and not all(
+            worker["status"] == "paused"
+            for worker in c.scheduler_info()["workers"].values()
+        ):
+            time.sleep(0.05)
+        started = time.monotonic()
+        match = "is paused" if paused else "has no workers"
+        with pytest.raises(TimeoutError, match=rf"Dask cluster at .* {match}"):
+            PSMI(n_estimators=50).fit(X, y)
+        assert time.monotonic() - started < 30
 
 
 def test_two_workers_give_the_threaded_bits_with_directions_sent_between_them():
