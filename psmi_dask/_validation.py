@@ -292,7 +292,7 @@ def check_labels(y: Any, n_samples: int) -> np.ndarray:
     missing = _missing(labels)
     if missing.any():
         raise ValueError(
-            f"y must not contain missing labels (NaN, None or NA), got "
+            f"y must not contain missing labels (NaN, None, NA or NaT), got "
             f"{int(missing.sum())} (the first at index {int(np.argmax(missing))}); "
             "drop those samples or give them a label."
         )
@@ -314,17 +314,21 @@ def _missing(labels: np.ndarray) -> np.ndarray:
     """Which labels are NaN, or missing values among objects."""
     if labels.dtype.kind == "f":
         return np.isnan(labels)
+    if labels.dtype.kind in "mM":
+        return np.isnat(labels)
     if labels.dtype != object:
         return np.zeros(labels.shape, dtype=bool)
     return np.fromiter(map(_is_missing, labels.tolist()), bool, labels.shape[0])
 
 
 def _is_missing(label: Any) -> bool:
-    """None, a float NaN, or pandas's NA or NaT (pandas is never imported)."""
+    """None, a float NaN, a NaT, or pandas's NA (pandas is never imported)."""
     if label is None:
         return True
     if isinstance(label, (float, np.floating)):
         return math.isnan(label)
+    if isinstance(label, (np.datetime64, np.timedelta64)):
+        return bool(np.isnat(label))
     pandas = sys.modules.get("pandas")
     return pandas is not None and (label is pandas.NA or label is pandas.NaT)
 

@@ -672,7 +672,8 @@ def _read_dataset_labels(path: Path, dataset: str | None, kind: str) -> np.ndarr
 
 def _read_text_labels(path: Path, column: str | None) -> np.ndarray:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a byte-order mark, as spreadsheets write, is not a label.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         rows, lines = [], []
         for row in reader:
@@ -699,6 +700,7 @@ def _read_text_labels(path: Path, column: str | None) -> np.ndarray:
                 f"line is then read as a header)."
             )
         values = [row[0].strip() for row in rows]
+        _refuse_empty(values, lines, path)
         if len(values) > 1 and not _is_int(values[0]) and all(map(_is_int, values[1:])):
             raise ValueError(
                 f"the first line of {str(path)!r}, {values[0]!r}, looks like a "
@@ -712,7 +714,18 @@ def _read_text_labels(path: Path, column: str | None) -> np.ndarray:
             )
         index = header.index(column)
         values = [row[index].strip() if index < len(row) else "" for row in rows[1:]]
+        _refuse_empty(values, lines[1:], path)
     return _parse_text_values(values)
+
+
+def _refuse_empty(values: Sequence[str], lines: Sequence[int], path: Path) -> None:
+    empty = [line for value, line in zip(values, lines) if not value]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} label{'s are' if len(empty) > 1 else ' is'} empty in "
+            f"{str(path)!r} (the first on line {empty[0]}); give every sample a "
+            "label."
+        )
 
 
 def _is_int(text: str) -> bool:

@@ -361,6 +361,27 @@ def test_open_labels_errors(tmp_path, name, options, match):
         open_labels(tmp_path / name, **options)
 
 
+@pytest.mark.parametrize(
+    "name, text, options",
+    [
+        ("y.csv", "id,label\n0,1\n1,\n2,2\n", {"column": "label"}),
+        ("y.txt", "1\n2\n   \n1\n", {}),
+    ],
+)
+def test_an_empty_label_is_an_error_naming_its_line(tmp_path, name, text, options):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=r"1 label is empty in .* on line 3\)"):
+        open_labels(tmp_path / name, **options)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_label(tmp_path):
+    (tmp_path / "y.txt").write_text("2\n1\n2\n", encoding="utf-8-sig")
+    (tmp_path / "y.csv").write_text("label,other\n2,x\n1,y\n", encoding="utf-8-sig")
+
+    assert_array_equal(open_labels(tmp_path / "y.txt"), [2, 1, 2])
+    assert_array_equal(open_labels(tmp_path / "y.csv", column="label"), [2, 1])
+
+
 def test_blank_lines_at_the_end_of_a_labels_file_are_no_labels(tmp_path):
     (tmp_path / "y.csv").write_text("id,label\n0,1\n1,2\n\n\n")
     (tmp_path / "y.txt").write_text("a\nb\n\n")

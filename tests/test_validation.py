@@ -256,6 +256,8 @@ def test_mixed_label_types_in_a_list_raise_type_error():
         "pandas NA in objects",
         "pandas NA in a list",
         "pandas NA in a string Series",
+        "pandas NaT in a datetime Series",
+        np.array(["NaT", "2026-01-01"] * 20, dtype="datetime64[D]"),
     ],
 )
 def test_missing_labels_raise(labels):
@@ -267,11 +269,14 @@ def test_missing_labels_raise(labels):
             "pandas NA in objects": np.array(values, dtype=object),
             "pandas NA in a list": values,
             "pandas NA in a string Series": pd.Series(values, dtype="string"),
+            "pandas NaT in a datetime Series": pd.Series(
+                [pd.NaT, pd.Timestamp("2026-01-01")] * 20
+            ),
         }[labels]
 
     with pytest.raises(
         ValueError,
-        match=r"y must not contain missing labels \(NaN, None or NA\), got 20 "
+        match=r"y must not contain missing labels \(NaN, None, NA or NaT\), got 20 "
         r"\(the first at index [01]\)",
     ):
         PSMI(n_estimators=10).fit(X, labels)
