@@ -97,13 +97,13 @@ def _split_member(
     return Path(head), tail
 
 
-# The dask arrays open_features made, by name, with the file each reads:
-# save_results will not write over a file that a lazy result still reads.
-_SOURCES: dict[str, Path] = {}
+# Every file open_features has opened in this process: save_results will
+# not write over one (a lazy result may still read it; and it is the data).
+_SOURCES: set[Path] = set()
 
 
 def _opened(array: da.Array, path: Path) -> da.Array:
-    _SOURCES[array.name] = path.resolve()
+    _SOURCES.add(path.resolve())
     return array
 
 
@@ -113,21 +113,15 @@ def _overlaps(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _refuse_writing_over_sources(
-    outputs: Sequence[Path], arrays: dict[str, Any]
-) -> None:
-    for name, values in arrays.items():
-        if not isinstance(values, da.Array):
-            continue
-        layers = getattr(values.__dask_graph__(), "layers", {})
-        for source in (_SOURCES[layer] for layer in layers if layer in _SOURCES):
-            for output in outputs:
-                if _overlaps(output, source):
-                    raise ValueError(
-                        f"output {str(output)!r} would write over "
-                        f"{str(source)!r}, which {name} is still computed "
-                        "from; choose another output."
-                    )
+def _refuse_writing_over_sources(outputs: Sequence[Path]) -> None:
+    for source in sorted(_SOURCES):
+        for output in outputs:
+            if _overlaps(output, source):
+                raise ValueError(
+                    f"output {str(output)!r} would write over {str(source)!r}, "
+                    "whose features open_features opened (lazy results may "
+                    "still read them); choose another output."
+                )
 
 
 def _check_exists(path: Path, what: str) -> None:
@@ -947,15 +941,15 @@ def save_results(
     ------
     ValueError
         If the extension is not supported, an output exists and
-        ``overwrite`` is False, or an output would write over a file opened
-        by :func:`open_features` that a lazy result is still computed from.
+        ``overwrite`` is False, or an output would write over a file that
+        :func:`open_features` opened in this process.
     """
     paths = result_paths(out)
     arrays: dict[str, Any] = {"psmi_mean": psmi_mean, "psmi_std": psmi_std}
     if psmi_full is not None:
         arrays["psmi_full"] = psmi_full
     written = {name: paths[name] for name in arrays}
-    _refuse_writing_over_sources([*written.values(), paths["record"]], arrays)
+    _refuse_writing_over_sources([*written.values(), paths["record"]])
     _remove_existing(list(written.values()), overwrite)
 
     suffix = Path(out).suffix.lower()
