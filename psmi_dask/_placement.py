@@ -25,6 +25,7 @@ from psmi_dask._controller import Backend, LocalBackend
 __all__ = [
     "DistributedBackend",
     "SchedulerLostError",
+    "WorkersLostError",
     "backend_for",
     "chunk_ranges",
     "current_client",
@@ -202,6 +203,10 @@ class SchedulerLostError(ConnectionError):
     """The distributed scheduler went away while PSMI was running on it."""
 
 
+class WorkersLostError(ConnectionError):
+    """The cluster's workers lost the run's data time after time."""
+
+
 def _lost_data(error: BaseException) -> bool:
     try:
         from distributed.client import FutureCancelledError
@@ -257,8 +262,16 @@ def run_with_retries(work: Callable[[Backend], Any], max_in_flight: int) -> Any:
                     "during the run; the estimator is left as it was before. "
                     "Connect a new Client and run again."
                 ) from error
-            if not _lost_data(error) or attempt == _ATTEMPTS:
+            if not _lost_data(error):
                 raise
+            if attempt == _ATTEMPTS:
+                raise WorkersLostError(
+                    f"the cluster lost data of this run {_ATTEMPTS} times: its "
+                    "workers died or were restarted (a worker past its memory "
+                    "limit is restarted; its log says so). Give the workers "
+                    "more memory, or lower min_n_estimators or chunk_size, "
+                    f"and run again ({error})."
+                ) from error
             logger.warning(
                 "the cluster lost data of this run (%s); running it again "
                 "(attempt %d of %d)",

@@ -150,6 +150,28 @@ def test_a_cluster_with_no_worker_able_to_run_is_a_clear_error(paused):
         assert time.monotonic() - started < 30
 
 
+def test_data_lost_on_every_attempt_is_one_clear_error():
+    # Workers restarted over and over (memory) once ended in a raw
+    # FutureCancelledError traceback.
+    from distributed.client import FutureCancelledError
+
+    from psmi_dask._placement import WorkersLostError, run_with_retries
+
+    attempts = []
+
+    def work(backend):
+        attempts.append(backend)
+        raise FutureCancelledError("block-0", "already forgotten")
+
+    with (
+        LocalCluster(n_workers=1, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        with pytest.raises(WorkersLostError, match=r"lost data of this run 3 times"):
+            run_with_retries(work, 2)
+    assert len(attempts) == 3
+
+
 def test_two_workers_give_the_threaded_bits_with_directions_sent_between_them():
     # Blocks of 100 directions over 16 features: where a worker's copy of
     # another's directions, misaligned in memory, once changed the bits.
