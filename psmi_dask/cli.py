@@ -38,10 +38,20 @@ class InputError(click.ClickException):
 
 # The Python API's names in library messages, and the options that set them
 # here; a library error is reported in the terms of the command line.
+_FEATURE_OPTIONS = {
+    r"\bdataset=NAME\b": "--dataset NAME",
+    r"\bdataset=": "--dataset=",
+    r"\bdrop dataset\b": "drop --dataset",
+}
+_LABEL_OPTIONS = {
+    r"\bdataset=NAME\b": "--labels-dataset NAME",
+    r"\bdataset=": "--labels-dataset=",
+    r"\bcolumn=NAME\b": "--labels-column NAME",
+    r"\bcolumn=": "--labels-column=",
+    r"\bdrop dataset\b": "drop --labels-dataset",
+}
 _OPTIONS = {
-    r"the labels with dataset=": "the labels with --labels-dataset ",
-    r"the features with dataset=": "the features with --dataset ",
-    r"\bcolumn=NAME": "--labels-column NAME",
+    r"\bX must be finite\b": "FEATURES must be finite",
     r"\bn_estimators\b": "--n-estimators",
     r"\bmin_n_estimators\b": "--block-size",
     r"\bmax_n_estimators\b": "--max-n-estimators",
@@ -53,8 +63,8 @@ _OPTIONS = {
 }
 
 
-def _in_cli_terms(message: str) -> str:
-    for api, option in _OPTIONS.items():
+def _in_cli_terms(message: str, options: dict[str, str] | None = None) -> str:
+    for api, option in {**(options or {}), **_OPTIONS}.items():
         message = re.sub(api, option, message)
     return message
 
@@ -267,8 +277,14 @@ def _open_inputs(
 ) -> tuple[Any, np.ndarray]:
     from psmi_dask.io import open_features, open_labels
 
-    X = open_features(features, dataset=dataset, chunk_rows=chunk_rows)
-    y = open_labels(labels, column=labels_column, dataset=labels_dataset)
+    try:
+        X = open_features(features, dataset=dataset, chunk_rows=chunk_rows)
+    except ValueError as error:
+        raise InputError(_in_cli_terms(str(error), _FEATURE_OPTIONS)) from error
+    try:
+        y = open_labels(labels, column=labels_column, dataset=labels_dataset)
+    except ValueError as error:
+        raise InputError(_in_cli_terms(str(error), _LABEL_OPTIONS)) from error
     if y.shape[0] != X.shape[0]:
         raise InputError(
             f"LABELS {labels!r} holds {y.shape[0]} labels, but FEATURES "

@@ -45,6 +45,7 @@ def data(tmp_path_factory, dataset):
     X_nan[5, 2] = np.nan
     np.save(base / "X_nan.npy", X_nan)
     (base / "y.txt").write_text("".join(f"{label}\n" for label in y))
+    (base / "header.txt").write_text("label\n" + "".join(f"{label}\n" for label in y))
     (base / "y.csv").write_text(
         "id,label\n" + "".join(f"{i},{label}\n" for i, label in enumerate(y))
     )
@@ -217,7 +218,12 @@ ERRORS = [
     (["X.npy", "y.csv"], r"has 2 columns; name the label column with --labels-column"),
     (["X.npy", "y.csv:class"], r"has no column 'class'"),
     (["X.npy", "y_lone.npy"], r"at least 2 samples.*\b9\b"),
-    (["X_nan.npy", "y.npy"], r"X must be finite"),
+    (["X_nan.npy", "y.npy"], r"FEATURES must be finite"),
+    # Told in the command line's options, not open_features' parameters.
+    (["X.npy", "y.npy", "--dataset", "X"], r"so --dataset='X' has no meaning"),
+    (["data.zarr:X", "y.npy", "--dataset", "Z"], r"but --dataset='Z' was also"),
+    (["X.npy", "data.zarr"], r"choose the labels with --labels-dataset NAME or"),
+    (["X.npy", "header.txt"], r"looks like a header; pass --labels-column='label'"),
 ]
 
 
