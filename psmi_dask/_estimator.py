@@ -6,6 +6,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -979,9 +980,63 @@ def _early_directions(
 
 
 def _memory_total() -> int:
+    return _memory()[0]
+
+
+def _memory_available() -> int:
+    return _memory()[1]
+
+
+def _memory() -> tuple[int, int]:
+    """Bytes of memory (total, free) for this process: the machine's, or
+    less under an address-space limit (``ulimit -v``) or a cgroup v2 limit
+    (containers, batch jobs)."""
     import psutil
 
-    return int(psutil.virtual_memory().total)
+    memory = psutil.virtual_memory()
+    total, free = int(memory.total), int(memory.available)
+    limits = []
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            limits.append((soft, psutil.Process().memory_info().vms))
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        pass
+    limits.extend(_cgroup_limit())
+    for limit, used in limits:
+        total, free = min(total, limit), min(free, max(0, limit - used))
+    return total, free
+
+
+def _cgroup_limit() -> list[tuple[int, int]]:
+    """The cgroup memory limit of this process and its use, if any (v2 or v1)."""
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = [line.strip().split(":", 2) for line in handle]
+    except OSError:
+        return []
+    found = []
+    for _, controllers, path in (line for line in lines if len(line) == 3):
+        if controllers == "":
+            files = ("", "memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            files = ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        folder = os.path.join("/sys/fs/cgroup", files[0], path.lstrip("/"))
+        try:
+            with open(os.path.join(folder, files[1])) as handle:
+                limit = handle.read().strip()
+            with open(os.path.join(folder, files[2])) as handle:
+                used = int(handle.read())
+        except (OSError, ValueError):
+            continue
+        # "max" (v2) or a huge number (v1) is no limit.
+        if limit.isdigit() and int(limit) < 2**60:
+            found.append((int(limit), used))
+    return found
 
 
 def _check_full_fits(n_samples: int, n_estimators: int) -> None:
@@ -1025,26 +1080,24 @@ def _more_blocks_or_milestone(params: Params, n_blocks: int) -> str:
     return fix
 
 
-def _memory_available() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def _bytes_per_direction(n_samples: int, n_features: int, full: bool) -> int:
     # Twice: the blocks' arrays, then the fitted ones joined from them.
     return 2 * 8 * (n_features + (n_samples if full else 0))
 
 
 def _blocks_in_memory(plan: Plan, n_samples: int, n_features: int, full: bool) -> int:
-    """How many of an auto-mode plan's blocks the free memory can hold."""
+    """How many of an auto-mode plan's blocks half the free memory can hold.
+
+    The other half is for the blocks being drawn and computed: random
+    normals, the QR's workspace, projections.
+    """
     per_block = plan.block_size * _bytes_per_direction(n_samples, n_features, full)
     available = _memory_available()
-    n_blocks = min(plan.n_blocks, available // per_block)
+    n_blocks = min(plan.n_blocks, available // 2 // per_block)
     if n_blocks < 1:
         raise ValueError(
             f"one block of min_n_estimators={plan.block_size} directions needs "
-            f"{per_block / 2**30:,.1f} GiB, more than the "
+            f"{per_block / 2**30:,.1f} GiB, more than half the "
             f"{available / 2**30:,.1f} GiB of memory free here; choose a smaller "
             "min_n_estimators"
             + (", or pass X as a dask array for a lazy psmi_full." if full else ".")

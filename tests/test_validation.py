@@ -500,13 +500,14 @@ def test_auto_mode_stops_with_an_error_where_free_memory_ends(monkeypatch):
     X = np.random.default_rng(4).normal(size=(300, 50))
     y = np.arange(300) % 3
     never = dict(min_n_estimators=100, max_variation_of_the_lowest=0.0)
-    monkeypatch.setattr(estimator_module, "_memory_available", lambda: 7 * 80_000)
+    # Half the free memory holds the directions: 7 blocks of 14.
+    monkeypatch.setattr(estimator_module, "_memory_available", lambda: 14 * 80_000)
     with pytest.raises(ValueError, match=r"^auto mode reached 700 directions .*"):
         PSMI(**never, max_n_estimators=2000, random_state=0).fit(X, y)
     with pytest.warns(ConvergenceWarning):  # the cap within memory: no error
         est = PSMI(**never, max_n_estimators=700, random_state=0).fit(X, y)
     assert est.n_estimators_ == 700
-    monkeypatch.setattr(estimator_module, "_memory_available", lambda: 79_999)
+    monkeypatch.setattr(estimator_module, "_memory_available", lambda: 159_999)
     with pytest.raises(ValueError, match=r"one block of min_n_estimators=100 .*"):
         PSMI(**never, random_state=0).fit(X, y)
 
@@ -524,8 +525,40 @@ def test_a_rule_met_within_free_memory_gives_the_unbounded_result(monkeypatch):
     # Room for the blocks the rule needs and one more, not for the cap's 100.
     per_block = 50 * 2 * 8 * (6 + 400)
     monkeypatch.setattr(
-        estimator_module, "_memory_available", lambda: (blocks + 1) * per_block
+        estimator_module, "_memory_available", lambda: 2 * (blocks + 1) * per_block
     )
     got = PSMI(**kwargs).fit_transform(X, y)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_auto_mode_keeps_within_an_address_space_limit():
+    # `ulimit -v` (or a batch job's limit) is below the machine's free
+    # memory: the fit once ended in numpy's MemoryError.
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("resource")
+    script = textwrap.dedent(
+        """
+        import resource, psutil
+        import numpy as np
+        from psmi_dask import PSMI
+        X = np.random.default_rng(0).normal(size=(200, 10_000))
+        y = np.arange(200) % 2
+        vms = psutil.Process().memory_info().vms
+        resource.setrlimit(resource.RLIMIT_AS, (vms + 2**31, resource.RLIM_INFINITY))
+        try:
+            PSMI(
+                max_n_estimators=10**7, max_variation_of_the_lowest=0.0, random_state=0
+            ).fit(X, y)
+        except ValueError as error:
+            print(error)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert re.match(r"auto mode reached \d+ directions without meeting", run.stdout)
