@@ -270,6 +270,16 @@ def test_run_refuses_to_overwrite(data, tmp_path):
     assert re.search(r"already exists; pass --overwrite", result.stderr)
 
 
+def _contents(folder):
+    """Every file's bytes under ``folder``, by top-level name."""
+    return {
+        path.name: sorted(p.read_bytes() for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.read_bytes()
+        for path in folder.iterdir()
+    }
+
+
 @pytest.mark.parametrize(
     "features, labels, out",
     [
@@ -288,12 +298,7 @@ def test_run_never_writes_over_its_inputs(data, tmp_path, features, labels, out)
     group.create_array("y", data=y)
     np.save(tmp_path / "X.npy", X)
     (tmp_path / "y.csv").write_text("".join(f"{label}\n" for label in y))
-    before = {
-        path.name: sorted(p.read_bytes() for p in path.rglob("*") if p.is_file())
-        if path.is_dir()
-        else path.read_bytes()
-        for path in tmp_path.iterdir()
-    }
+    before = _contents(tmp_path)
 
     result = invoke(
         "run",
@@ -310,13 +315,7 @@ def test_run_never_writes_over_its_inputs(data, tmp_path, features, labels, out)
     assert re.search(
         r"would write over (FEATURES|LABELS) .*choose another -o", result.stderr
     )
-    after = {
-        path.name: sorted(p.read_bytes() for p in path.rglob("*") if p.is_file())
-        if path.is_dir()
-        else path.read_bytes()
-        for path in tmp_path.iterdir()
-    }
-    assert after == before
+    assert _contents(tmp_path) == before
 
 
 def io_loop_threads():
