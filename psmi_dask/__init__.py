@@ -8,6 +8,8 @@ from psmi_dask.exceptions import (
     DataConversionWarning,
     NotFittedError,
     PSMIWarning,
+    SchedulerLostError,
+    WorkersLostError,
 )
 
 __version__ = "0.1.0"
@@ -18,5 +20,7 @@ __all__ = [
     "DataConversionWarning",
     "NotFittedError",
     "PSMIWarning",
+    "SchedulerLostError",
+    "WorkersLostError",
     "__version__",
 ]

@@ -21,6 +21,7 @@ import numpy as np
 
 from psmi_dask._blocks import ChunkedData
 from psmi_dask._controller import Backend, LocalBackend
+from psmi_dask.exceptions import SchedulerLostError, WorkersLostError
 
 __all__ = [
     "DistributedBackend",
@@ -197,14 +198,6 @@ def backend_for(max_in_flight: int) -> Backend:
 
 
 _ATTEMPTS = 3
-
-
-class SchedulerLostError(ConnectionError):
-    """The distributed scheduler went away while PSMI was running on it."""
-
-
-class WorkersLostError(ConnectionError):
-    """The cluster's workers lost the run's data time after time."""
 
 
 def _lost_data(error: BaseException) -> bool:

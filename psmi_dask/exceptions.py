@@ -7,6 +7,8 @@ __all__ = [
     "DataConversionWarning",
     "NotFittedError",
     "PSMIWarning",
+    "SchedulerLostError",
+    "WorkersLostError",
 ]
 
 
@@ -31,4 +33,16 @@ class NotFittedError(ValueError, AttributeError):
     Subclasses ``ValueError`` and ``AttributeError``, as scikit-learn's
     exception of the same name does, so that code catching either keeps
     working.
+    """
+
+
+class SchedulerLostError(ConnectionError):
+    """The distributed scheduler went away while PSMI was running on it."""
+
+
+class WorkersLostError(ConnectionError):
+    """The cluster's workers lost the run's data on every attempt.
+
+    Workers that die or are restarted (a worker past its memory limit is)
+    take the run's data with them; the run is retried, then given up.
     """

@@ -30,8 +30,7 @@ from distributed.utils_test import (  # noqa: F401 - pytest fixtures
 )
 from numpy.testing import assert_array_equal
 
-from psmi_dask import PSMI, ConvergenceWarning
-from psmi_dask._placement import SchedulerLostError
+from psmi_dask import PSMI, ConvergenceWarning, SchedulerLostError
 
 KWARGS = dict(min_n_estimators=60, random_state=3, chunk_size=256)
 
@@ -155,7 +154,8 @@ def test_data_lost_on_every_attempt_is_one_clear_error():
     # FutureCancelledError traceback.
     from distributed.client import FutureCancelledError
 
-    from psmi_dask._placement import WorkersLostError, run_with_retries
+    from psmi_dask import WorkersLostError
+    from psmi_dask._placement import run_with_retries
 
     attempts = []
 
