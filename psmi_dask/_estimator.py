@@ -989,7 +989,7 @@ def _memory_available() -> int:
 
 def _memory() -> tuple[int, int]:
     """Bytes of memory (total, free) for this process: the machine's, or
-    less under an address-space limit (``ulimit -v``) or a cgroup v2 limit
+    less under an address-space limit (``ulimit -v``) or a cgroup limit
     (containers, batch jobs)."""
     import psutil
 
@@ -1113,7 +1113,8 @@ def _raise_if_out_of_memory(
         return
     raise ValueError(
         f"auto mode reached {last.n_estimators} directions without meeting the "
-        f"stopping rule, and the memory free when the fit began holds no more, "
+        f"stopping rule, and half the memory free when the fit began holds no "
+        f"more directions, "
         f"short of max_n_estimators={params.max_n_estimators}; choose "
         f"max_n_estimators <= {last.n_estimators} (the fit then ends there with "
         "a ConvergenceWarning), a larger max_variation_of_the_lowest"

@@ -677,13 +677,9 @@ def _read_text_labels(path: Path, column: str | None) -> np.ndarray:
         rows.pop()
     if not rows:
         raise ValueError(f"labels file {str(path)!r} is empty.")
-    blank = next((line for row, line in zip(rows, lines) if not row), None)
-    if blank is not None:
-        # Dropping it would pair every later label with the wrong sample.
-        raise ValueError(
-            f"line {blank} of {str(path)!r} is blank; give every sample a label "
-            "on a line of its own."
-        )
+    # A blank line within is an empty label, refused below: dropping it
+    # would pair every later label with the wrong sample.
+    rows = [row or [""] for row in rows]
 
     if column is None:
         widths = {len(row) for row in rows}

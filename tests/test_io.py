@@ -341,7 +341,7 @@ def test_labels_beside_the_features(files, labels, tmp_path):
         ("grid.npy", {}, r"shape \(2, 2\), but one label per sample"),
         ("objects.npy", {}, r"not an object array"),
         ("empty.txt", {}, r"is empty"),
-        ("blank.txt", {}, r"line 2 of .*blank\.txt' is blank; give every sample"),
+        ("blank.txt", {}, r"1 label is empty in .*blank\.txt' \(the first on line 2\)"),
         ("y.h5", {"column": "y"}, r"is an HDF5 file; name its labels with dataset="),
         ("y.h5", {"dataset": "z"}, r"has no dataset 'z'"),
     ],
